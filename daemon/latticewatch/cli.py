@@ -1,0 +1,220 @@
+"""The ``latticewatch`` command line. Every command is ``main([...]) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from latticewatch import __version__
+
+log = logging.getLogger("latticewatch.cli")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _progress_enabled() -> bool:
+    return sys.stderr.isatty()
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import ManifestError
+    from latticewatch.runtime.analyser import Analyser, FrameError
+    from latticewatch.sinks.reports import summary, write_reports
+    from latticewatch.sources.readers import ReadError, read_frames
+    from tqdm import tqdm
+
+    try:
+        analyser = Analyser(args.profile, threads=args.threads)
+    except (ManifestError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    rows, failures = [], []
+    for path in tqdm(args.files, desc="files", unit="file", disable=not _progress_enabled() or len(args.files) < 2):
+        try:
+            for frame in read_frames(path, permissive=args.permissive):
+                try:
+                    analysis = analyser.analyse(frame, keep_probability=args.save_probabilities)
+                except FrameError as err:
+                    failures.append({"file": str(path), "frame_id": frame.frame_id, "error": str(err)})
+                    print(f"error: {err}", file=sys.stderr)
+                    continue
+                write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
+                rows.append(summary(frame, analysis))
+        except ReadError as err:
+            failures.append({"file": str(path), "frame_id": None, "error": str(err)})
+            print(f"error: {err}", file=sys.stderr)
+    if args.json:
+        json.dump({"frames": rows, "failures": failures, "out": str(args.out)}, sys.stdout, indent=2)
+        print()
+    else:
+        _print_table(rows)
+        print(f"{len(rows)} frame(s) analysed, {len(failures)} failed; results in {args.out}")
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    head = ["frame", "px (nm)", "particles", "cover", "SF", "noSF", "mis", "aggl", "empty", "defect frac", "ms"]
+    table = [head]
+    for r in rows:
+        c = r["class_counts"]
+        table.append([
+            r["name"], f"{r['pixel_size_nm']:.4f}" if r["pixel_size_nm"] else "?", str(r["particles"]), f"{r['coverage']:.1%}",
+            str(c["stacking_fault"]), str(c["no_stacking_fault"]), str(c["misoriented"]), str(c["agglomeration"]), str(c["empty"]),
+            "–" if r["defect_fraction"] is None else f"{r['defect_fraction']:.2f}", f"{1000 * r['seconds']:.0f}",
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from latticewatch.training.profile import build_synthetic_profile
+        from latticewatch.training.train_unet import UNetTrainingConfig
+    except ImportError as err:
+        print(f"error: training needs torch (pip install torch==2.13.0 && pip install '.[train]'): {err}", file=sys.stderr)
+        return EXIT_USAGE
+    config = UNetTrainingConfig(
+        widths=tuple(args.widths), learning_rate=args.lr, max_steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, threads=args.threads,
+    )
+    manifest = build_synthetic_profile(
+        args.out, name=args.name, n_frames=args.synthetic, n_regions_per_class=args.regions_per_class,
+        pixel_size_nm=args.pixel_size_nm, config=config, progress=_progress_enabled(),
+    )
+    seg, clf = manifest.training["segmentation"].metrics, manifest.training["classifier"].metrics
+    print(f"profile {manifest.name} written to {args.out}: validation Dice {seg['val_dice']:.3f}, "
+          f"forest balanced accuracy {clf['balanced_accuracy']:.3f}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from latticewatch.runtime.bench import run_pipeline_bench
+
+    results = {}
+    if args.archive:
+        from latticewatch.sinks.archive import run_archive_bench
+
+        results["archive"] = run_archive_bench(repeats=args.repeats)
+    else:
+        results["pipeline"] = run_pipeline_bench(
+            args.profile, sizes=args.sizes, repeats=args.repeats, naive=not args.no_naive, threads=args.threads
+        )
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        from latticewatch.runtime.bench import format_results
+
+        print(format_results(results))
+    return EXIT_OK
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from latticewatch.runtime.plugins import discover_profiles
+
+    profiles = discover_profiles(verify=True)
+    if args.json:
+        json.dump({name: {"directory": str(e.directory) if e.directory else None, "version": e.manifest.version if e.manifest else None,
+                          "error": e.error} for name, e in profiles.items()}, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    for name, entry in sorted(profiles.items()):
+        if entry.manifest:
+            seg = entry.manifest.segmentation
+            print(f"{name:16s} {entry.manifest.version:8s} ok      {seg.pixel_size_nm} nm/px, {seg.normalisation} normalisation — {entry.directory}")
+        else:
+            print(f"{name:16s} {'?':8s} BROKEN  {entry.error}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latticewatch",
+        description="Live analysis of HRTEM micrographs of nanoparticles: U-Net segmentation of crystalline "
+        "particles, region measurement in nm, stacking-fault classification, archive.",
+    )
+    parser.add_argument("--version", action="version", version=f"latticewatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "process",
+        help="analyse micrograph files and write per-frame reports",
+        description="Analyse HRTEM micrographs (MRC incl. stacks, TIFF, DM3/DM4, SER, EMD, PNG): median filter, "
+        "normalise, resample to the model's pixel size, U-Net segmentation, region isolation and measurement, "
+        "5-class random-forest classification. Writes DIR/<name>.json, DIR/<name>_particles.csv and "
+        "DIR/<name>_overlay.png per frame. Exit code 1 if any file or frame failed (the others are still done).",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="micrograph files")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created if needed)")
+    p.add_argument("--profile", default="nanoparticles", help="installed profile name or profile directory (default: %(default)s)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write DIR/<name>_probability.npy (float32, frame size)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--permissive", action="store_true", help="warn and guess on inconsistent headers instead of failing")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser(
+        "train",
+        help="train a profile (U-Net + forest) on synthetic frames",
+        description="Generate analytic HRTEM frames, train the U-Net (cross-entropy + Dice, Adam, early stopping on "
+        "validation Dice) and the 500-tree forest, export ONNX + safetensors + skops and write a manifest with "
+        "the metrics and this command. Needs the [train] extra (torch).",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="profile directory to write")
+    p.add_argument("--name", default="nanoparticles", help="profile name (default: %(default)s)")
+    p.add_argument("--synthetic", type=int, default=300, metavar="N", help="training frames to generate (default: %(default)s)")
+    p.add_argument("--regions-per-class", type=int, default=300, help="forest training regions per class (default: %(default)s)")
+    p.add_argument("--pixel-size-nm", type=float, default=0.05, help="model pixel size in nm (default: %(default)s)")
+    p.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16, 32], help="U-Net filters per level (default: 4 8 16 32)")
+    p.add_argument("--steps", type=int, default=2000, help="maximum optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure per-stage speed (or the archive's) and print medians",
+        description="Time every stage on synthetic uint16 frames and, in the same run, a naive pipeline "
+        "(eager torch per 512² tile, per-particle Python loops) for the ratio. --archive measures the archive "
+        "encoder/decoder instead.",
+    )
+    p.add_argument("--profile", default="nanoparticles")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="frame sides in pixels (default: 1024 4096)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repetitions per size (default: %(default)s)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive reference pipeline")
+    p.add_argument("--archive", action="store_true", help="benchmark the archive encoder/decoder instead")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list installed profiles", description="Model profiles (plugins).")
+    models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    q = models_sub.add_parser("list", help="installed profiles, verified, with the reason a broken one is unusable")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_models_list)
+
+    from latticewatch.sinks import archive_cli
+
+    archive_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

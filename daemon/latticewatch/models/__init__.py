@@ -1,0 +1,1 @@
+"""Models: the U-Net (torch, training only), ONNX export, inference backends, the forest."""

@@ -1,0 +1,104 @@
+"""The model manifest: every profile directory has a ``manifest.json`` validated by this model.
+
+A profile is data: the files it names are checked against their sha256 before use, and the
+manifest states the pixel size and normalisation the network was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from latticewatch.frame import CLASSES
+from latticewatch.stages.isolate import IsolationParams
+from latticewatch.stages.preprocess import Normalisation
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SegmentationModel(_Strict):
+    onnx: str = Field(description="ONNX file: input 'image' (N,1,H,W) float32 → particle probability (N,1,H,W)")
+    weights: str | None = Field(None, description="safetensors file of the torch weights, for retraining")
+    widths: tuple[int, ...] = (4, 8, 16, 32)
+    pixel_size_nm: float | None = Field(gt=0, description="pixel size the network was trained at")
+    normalisation: Normalisation = "max"
+    threshold: float = Field(0.5, ge=0, le=1)
+    foreground: str = Field("particle", description="what the probability is of")
+
+
+class ClassifierModel(_Strict):
+    skops: str
+    classes: tuple[str, ...] = CLASSES
+    features: tuple[str, ...]
+
+
+class ArchiveRules(_Strict):
+    low_value_class: int = Field(0, description="class-mask value whose pixels may be reduced")
+    min_mean_confidence: float = Field(0.9, description="below this the frame is archived losslessly")
+
+
+class Training(_Strict):
+    command: str
+    metrics: dict[str, Any] = {}
+    data: str = ""
+
+
+class Manifest(_Strict):
+    name: str
+    version: str
+    description: str = ""
+    files: dict[str, str] = Field(description="file name → sha256 of every model file")
+    segmentation: SegmentationModel
+    classifier: ClassifierModel | None = None
+    isolation: IsolationParams = IsolationParams()
+    archive: ArchiveRules = ArchiveRules()
+    training: dict[str, Training] = {}
+
+    @field_validator("files")
+    @classmethod
+    def _hex_digests(cls, files: dict[str, str]) -> dict[str, str]:
+        for name, digest in files.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"files.{name}: expected a 64-character lowercase sha256, got {digest!r}")
+        return files
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ManifestError(Exception):
+    """A profile directory whose manifest or files cannot be trusted."""
+
+
+def read_manifest(directory: Path, *, verify: bool = True) -> Manifest:
+    """Validate ``directory/manifest.json`` and (optionally) the sha256 of every file it lists."""
+    path = directory / "manifest.json"
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest.json in this profile directory") from None
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise ManifestError(f"{path}: invalid manifest: {err}") from None
+    needed = {manifest.segmentation.onnx} | ({manifest.classifier.skops} if manifest.classifier else set())
+    missing = needed - manifest.files.keys()
+    if missing:
+        raise ManifestError(f"{path}: files {sorted(missing)} are used but have no sha256 in 'files'")
+    if verify:
+        for name, expected in manifest.files.items():
+            file = directory / name
+            if not file.is_file():
+                raise ManifestError(f"{path}: listed file {name} is missing")
+            if sha256_of(file) != expected:
+                raise ManifestError(f"{file}: sha256 does not match the manifest; the model file was altered")
+    return manifest

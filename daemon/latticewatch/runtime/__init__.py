@@ -1,0 +1,1 @@
+"""Runtime: profile discovery, the analyser (stages wired with timing), runners."""

@@ -1,0 +1,183 @@
+"""The analyser: one profile's stages wired together, with per-stage timing around each call.
+
+Stages stay pure functions; only this module knows the order, converts between the model's
+sampling and the frame's, and measures how long each stage took.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from latticewatch.frame import Analysis, Frame, Region
+from latticewatch.models.backends import SegmentationBackend
+from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
+from latticewatch.runtime.plugins import resolve_profile
+from latticewatch.stages.classify import RegionClassifier
+from latticewatch.stages.features import region_features
+from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
+from latticewatch.stages.preprocess import preprocess
+from latticewatch.stages.segment import segment
+
+#: Frames below this side length cannot hold a particle at any sensible sampling.
+MIN_SIDE_PX = 16
+
+
+class FrameError(ValueError):
+    """A frame the pipeline cannot analyse; the message names the frame and the problem."""
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """Index into an axis of length ``n_in`` for each of ``n_out`` pixels (pixel-centre aligned)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.intp), n_in - 1)
+
+
+def validate_pixels(frame: Frame) -> None:
+    """Refuse frames the stages would turn into nonsense, naming the frame and the problem."""
+    px = frame.pixels
+    if px.ndim != 2:
+        raise FrameError(f"{frame.frame_id}: expected a 2-D image, got shape {px.shape}")
+    if min(px.shape) < MIN_SIDE_PX:
+        raise FrameError(f"{frame.frame_id}: image is {px.shape[0]}×{px.shape[1]} px; at least {MIN_SIDE_PX} px per side needed")
+    if not (np.issubdtype(px.dtype, np.integer) or np.issubdtype(px.dtype, np.floating)):
+        raise FrameError(f"{frame.frame_id}: unsupported pixel type {px.dtype}")
+    if np.issubdtype(px.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(px)))
+        if bad:
+            raise FrameError(f"{frame.frame_id}: {bad} NaN/Inf pixels")
+
+
+class Analyser:
+    """Loads a profile's models once and analyses frames with them.
+
+    Parameters
+    ----------
+    profile
+        Installed profile name (``nanoparticles``) or a profile directory.
+    backend
+        Segmentation backend; default ONNX Runtime on the CPU.
+    max_pixels
+        Largest model-resolution image segmented in one run; larger ones are tiled.
+
+    Examples
+    --------
+    >>> analyser = Analyser("nanoparticles")  # doctest: +SKIP
+    >>> analysis = analyser.analyse(frame)  # doctest: +SKIP
+    >>> analysis.class_counts()  # doctest: +SKIP
+    {'stacking_fault': 2, 'no_stacking_fault': 5, ...}
+    """
+
+    def __init__(
+        self,
+        profile: str | Path = "nanoparticles",
+        *,
+        backend: SegmentationBackend | None = None,
+        threads: int | None = None,
+        max_pixels: int = 2048 * 2048,
+    ):
+        self.directory, self.manifest = resolve_profile(str(profile))
+        seg = self.manifest.segmentation
+        self.backend = backend or OnnxRuntimeBackend(self.directory / seg.onnx, threads=threads)
+        clf = self.manifest.classifier
+        self.classifier = RegionClassifier(self.directory / clf.skops, clf.classes) if clf else None
+        self.max_pixels = max_pixels
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        """Identifiers of the exact model files in use (name@version + short sha256)."""
+        m = self.manifest
+        ids = {"profile": f"{m.name}@{m.version}", "segmentation": f"{m.segmentation.onnx}:{m.files[m.segmentation.onnx][:12]}"}
+        if m.classifier:
+            ids["classifier"] = f"{m.classifier.skops}:{m.files[m.classifier.skops][:12]}"
+        ids["backend"] = self.backend.name
+        return ids
+
+    def analyse(self, frame: Frame, *, keep_probability: bool = False) -> Analysis:
+        """Run every stage on one frame and return its analysis."""
+        validate_pixels(frame)
+        seg = self.manifest.segmentation
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        if frame.pixel_size_nm is None:
+            warnings.append("pixel size unknown: no resampling, sizes reported in pixels only")
+
+        with _timed(timings, "preprocess"):
+            pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation, model_pixel_size_nm=seg.pixel_size_nm)
+        with _timed(timings, "segment"):
+            probability = segment(pre.image, self.backend, levels=len(seg.widths), max_pixels=self.max_pixels)
+        with _timed(timings, "isolate"):
+            clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
+            labels, isolated = isolate(clean)
+        with _timed(timings, "features"):
+            features = [region_features(pre.image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm) for r in isolated]
+        with _timed(timings, "classify"):
+            verdicts = self.classifier(features) if self.classifier else [("unclassified", {})] * len(isolated)
+        with _timed(timings, "assemble"):
+            regions = tuple(
+                self._region(index, r, f, label, probs, pre.scale, pre.pixel_size_nm, frame)
+                for index, (r, f, (label, probs)) in enumerate(zip(isolated, features, verdicts))
+            )
+            h, w = frame.pixels.shape
+            rows, cols = _nearest_index(h, clean.shape[0]), _nearest_index(w, clean.shape[1])
+            mask = clean[rows[:, None], cols[None, :]].astype(np.uint8)
+            confidence = float(np.mean(np.maximum(probability, 1.0 - probability)))
+            full_probability = None
+            if keep_probability:
+                full_probability = (
+                    probability
+                    if probability.shape == (h, w)
+                    else ndimage.zoom(probability, (h / probability.shape[0], w / probability.shape[1]), order=1, grid_mode=True, mode="nearest")
+                ).astype(np.float32)
+        return Analysis(
+            frame_id=frame.frame_id,
+            mask=mask,
+            regions=regions,
+            timings_s=timings,
+            model_ids=self.model_ids,
+            profile=self.manifest.name,
+            pixel_size_nm=frame.pixel_size_nm,
+            mean_confidence=confidence,
+            warnings=tuple(warnings),
+            probability=full_probability,
+        )
+
+    def _region(self, index, r: IsolatedRegion, features, label, probs, scale, model_px_nm, frame: Frame) -> Region:
+        h, w = frame.pixels.shape
+        r0, c0, r1, c1 = r.bbox
+        bbox = (int(r0 / scale), int(c0 / scale), min(h, math.ceil(r1 / scale)), min(w, math.ceil(c1 / scale)))
+        cy, cx = ((r.centroid[0] + 0.5) / scale - 0.5, (r.centroid[1] + 0.5) / scale - 0.5)
+        px = frame.pixel_size_nm
+        area_nm2 = r.area_px * model_px_nm**2 if model_px_nm else None
+        iso = self.manifest.isolation
+        big = area_nm2 is not None and area_nm2 > iso.max_particle_area_nm2
+        return Region(
+            region_id=index,
+            bbox=bbox,
+            centroid_px=(round(cy, 2), round(cx, 2)),
+            centroid_nm=(round(cy * px, 4), round(cx * px, 4)) if px else None,
+            area_px=int(round(r.area_px / scale**2)),
+            area_nm2=area_nm2,
+            equivalent_diameter_nm=math.sqrt(4 * area_nm2 / math.pi) if area_nm2 is not None else None,
+            eccentricity=r.eccentricity,
+            solidity=r.solidity,
+            touches_edge=r.touches_edge,
+            agglomerate_suspect=big or r.solidity < iso.min_solidity,
+            features=features,
+            label=label,
+            probabilities=probs,
+        )

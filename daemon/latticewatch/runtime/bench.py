@@ -1,0 +1,141 @@
+"""``latticewatch bench``: per-stage medians of the pipeline on synthetic frames, and a naive
+reference pipeline (the seed's approach) timed on the same frames in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latticewatch.frame import Frame
+from latticewatch.runtime.analyser import Analyser
+
+#: Camera sampling of the benchmark frames: finer than the model's, as on a 4k camera at HRTEM
+#: magnification, so the pipeline resamples exactly as it would in production.
+BENCH_PIXEL_SIZE_NM = 0.025
+
+
+def synthetic_frame(side: int, seed: int = 0) -> Frame:
+    from latticewatch.training.synthetic import generate_frame
+
+    sample = generate_frame(np.random.default_rng(seed), shape=(side, side), pixel_size_nm=BENCH_PIXEL_SIZE_NM)
+    return Frame(f"synthetic:{side}", sample.image, BENCH_PIXEL_SIZE_NM, origin="bench")
+
+
+class NaivePipeline:
+    """What the published seed pipeline does, step by step: scipy's median filter, divide by the
+    maximum, eager fp32 torch on each 512² tile with a softmax, skimage morphology and regionprops,
+    then per particle a Python loop over FFT radii and a scikit-learn forest call."""
+
+    def __init__(self, directory: Path, manifest):
+        import torch
+        from safetensors.torch import load_file
+
+        from latticewatch.models.unet import UNet
+        from latticewatch.stages.classify import load_forest
+
+        self.torch = torch
+        self.net = UNet(manifest.segmentation.widths)
+        self.net.load_state_dict(load_file(str(directory / manifest.segmentation.weights)))
+        self.net.eval()
+        self.forest = load_forest(directory / manifest.classifier.skops)
+        self.threshold = manifest.segmentation.threshold
+
+    def __call__(self, pixels: np.ndarray) -> int:
+        from scipy import ndimage
+        from skimage import measure, morphology
+
+        image = ndimage.median_filter(pixels, 3).astype(np.float32)
+        image /= image.max()
+        prob = np.zeros_like(image)
+        with self.torch.no_grad():
+            for r in range(0, image.shape[0], 512):
+                for c in range(0, image.shape[1], 512):
+                    tile = self.torch.from_numpy(np.ascontiguousarray(image[r : r + 512, c : c + 512]))[None, None]
+                    prob[r : r + 512, c : c + 512] = self.net(tile)[0, 1].numpy()
+        mask = morphology.binary_closing(morphology.binary_opening(prob > self.threshold, morphology.disk(4)), morphology.disk(6))
+        labels = measure.label(mask)
+        n = 0
+        for region in measure.regionprops(labels, intensity_image=image):
+            crop = np.where(region.image, region.image_intensity - region.intensity_mean, 0)
+            power = np.abs(np.fft.fftshift(np.fft.fft2(crop, s=(256, 256)))) ** 2
+            yy, xx = np.indices(power.shape)
+            radius = np.hypot(yy - 128, xx - 128).astype(int)
+            profile = [power[radius == k].mean() for k in range(128)]
+            com = sum(k * p for k, p in enumerate(profile)) / sum(profile)
+            feats = [[np.mean(profile), np.std(profile), com, region.intensity_mean, float(np.std(region.image_intensity[region.image]))]]
+            self.forest.predict_proba(feats)
+            n += 1
+        return n
+
+
+def run_pipeline_bench(
+    profile: str = "nanoparticles",
+    *,
+    sizes: tuple[int, ...] = (1024, 4096),
+    repeats: int = 7,
+    naive: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Medians (seconds) per stage and end to end for each frame side, plus the naive pipeline."""
+    analyser = Analyser(profile, threads=threads)
+    naive_pipeline, naive_note = None, None
+    if naive:
+        try:
+            naive_pipeline = NaivePipeline(analyser.directory, analyser.manifest)
+        except ImportError as err:
+            naive_note = f"naive pipeline skipped: {err} (install the [train] extra for torch)"
+    results: dict[str, Any] = {"profile": analyser.model_ids, "frame_pixel_size_nm": BENCH_PIXEL_SIZE_NM,
+                               "model_pixel_size_nm": analyser.manifest.segmentation.pixel_size_nm, "repeats": repeats, "sizes": {}}
+    if naive_note:
+        results["note"] = naive_note
+    for side in sizes:
+        frame = synthetic_frame(side)
+        analyser.analyse(frame)  # warm-up: session allocation for this shape
+        stage_runs: dict[str, list[float]] = {}
+        totals = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            analysis = analyser.analyse(frame)
+            totals.append(time.perf_counter() - start)
+            for stage, seconds in analysis.timings_s.items():
+                stage_runs.setdefault(stage, []).append(seconds)
+        entry = {
+            "dtype": str(frame.pixels.dtype),
+            "particles": len(analysis.regions),
+            "median_s": statistics.median(totals),
+            "stage_median_s": {k: statistics.median(v) for k, v in stage_runs.items()},
+        }
+        if naive_pipeline is not None:
+            naive_pipeline(frame.pixels)
+            naive_times = []
+            for _ in range(max(1, repeats // 2 if side > 2048 else repeats)):
+                start = time.perf_counter()
+                naive_pipeline(frame.pixels)
+                naive_times.append(time.perf_counter() - start)
+            entry["naive_median_s"] = statistics.median(naive_times)
+            entry["speedup_vs_naive"] = entry["naive_median_s"] / entry["median_s"]
+        results["sizes"][str(side)] = entry
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = []
+    pipeline = results.get("pipeline")
+    if pipeline:
+        for side, entry in pipeline["sizes"].items():
+            stages = ", ".join(f"{k} {1000 * v:.1f}" for k, v in entry["stage_median_s"].items())
+            line = f"{side}²: end to end {1000 * entry['median_s']:.1f} ms median ({stages} ms)"
+            if "naive_median_s" in entry:
+                line += f"; naive {1000 * entry['naive_median_s']:.0f} ms → {entry['speedup_vs_naive']:.1f}× faster"
+            lines.append(line)
+        if "note" in pipeline:
+            lines.append(pipeline["note"])
+    if "archive" in results:
+        import json
+
+        lines.append(json.dumps(results["archive"], indent=2))
+    return "\n".join(lines)

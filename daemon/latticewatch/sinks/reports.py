@@ -1,0 +1,162 @@
+"""Per-frame report files written by ``latticewatch process``: JSON, particle CSV, overlay PNG and
+(optionally) the probability map as ``.npy``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from latticewatch.frame import CLASSES, Analysis, Frame
+from latticewatch.stages.features import FEATURE_NAMES
+
+#: Outline colour per class (colour-blind-safe Okabe–Ito palette).
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "stacking_fault": (213, 94, 0),
+    "no_stacking_fault": (0, 158, 115),
+    "misoriented": (86, 180, 233),
+    "agglomeration": (230, 159, 0),
+    "empty": (204, 121, 167),
+    "unclassified": (240, 228, 66),
+}
+#: Overlays of larger frames are shrunk to this side so the PNG stays quick to write and view.
+OVERLAY_MAX_SIDE = 2048
+CSV_COLUMNS = (
+    ["frame_id", "region_id", "label", "area_nm2", "equivalent_diameter_nm", "centroid_row_px", "centroid_col_px",
+     "centroid_row_nm", "centroid_col_nm", "bbox_row0", "bbox_col0", "bbox_row1", "bbox_col1", "area_px",
+     "eccentricity", "solidity", "touches_edge", "agglomerate_suspect"]
+    + [f"p_{c}" for c in CLASSES]
+    + list(FEATURE_NAMES)
+)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
+    """One line of the run summary (also the top of the per-frame JSON)."""
+    return {
+        "frame_id": frame.frame_id,
+        "name": frame.name,
+        "shape": list(frame.pixels.shape),
+        "pixel_size_nm": frame.pixel_size_nm,
+        "particles": len(analysis.regions),
+        "coverage": round(analysis.coverage, 5),
+        "class_counts": analysis.class_counts(),
+        "defect_fraction": analysis.defect_fraction,
+        "mean_confidence": round(analysis.mean_confidence, 5),
+        "seconds": round(sum(analysis.timings_s.values()), 5),
+    }
+
+
+def frame_report(frame: Frame, analysis: Analysis) -> dict[str, Any]:
+    return {
+        **summary(frame, analysis),
+        "origin": frame.origin,
+        "acquired_at": frame.acquired_at,
+        "dtype": str(frame.pixels.dtype),
+        "meta": frame.meta,
+        "profile": analysis.profile,
+        "model_ids": analysis.model_ids,
+        "timings_s": {k: round(v, 6) for k, v in analysis.timings_s.items()},
+        "warnings": list(analysis.warnings),
+        "regions": [r.to_dict() for r in analysis.regions],
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary name and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _csv_rows(analysis: Analysis):
+    for r in analysis.regions:
+        row = {
+            "frame_id": analysis.frame_id, "region_id": r.region_id, "label": r.label, "area_nm2": r.area_nm2,
+            "equivalent_diameter_nm": r.equivalent_diameter_nm, "centroid_row_px": r.centroid_px[0],
+            "centroid_col_px": r.centroid_px[1], "centroid_row_nm": r.centroid_nm[0] if r.centroid_nm else None,
+            "centroid_col_nm": r.centroid_nm[1] if r.centroid_nm else None, "bbox_row0": r.bbox[0],
+            "bbox_col0": r.bbox[1], "bbox_row1": r.bbox[2], "bbox_col1": r.bbox[3], "area_px": r.area_px,
+            "eccentricity": r.eccentricity, "solidity": r.solidity, "touches_edge": r.touches_edge,
+            "agglomerate_suspect": r.agglomerate_suspect,
+        }
+        row.update({f"p_{c}": r.probabilities.get(c) for c in CLASSES})
+        row.update(r.features)
+        yield row
+
+
+def overlay_image(frame: Frame, analysis: Analysis) -> Image.Image:
+    """The frame (0.5–99.5 % contrast) with region outlines coloured by class and a legend."""
+    pixels = frame.pixels.astype(np.float32)
+    step = max(1, int(np.ceil(max(pixels.shape) / OVERLAY_MAX_SIDE)))
+    pixels = pixels[::step, ::step]
+    lo, hi = np.percentile(pixels, [0.5, 99.5])
+    grey = (np.clip((pixels - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    mask = analysis.mask[::step, ::step].astype(bool)
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(grey.shape) // 512), border_value=0)
+    # colour each outline pixel by the region whose bounding box contains it
+    for region in analysis.regions:
+        r0, c0, r1, c1 = (v // step for v in region.bbox)
+        box = edge[r0 : r1 + 1, c0 : c1 + 1]
+        rgb[r0 : r1 + 1, c0 : c1 + 1][box] = CLASS_COLOURS.get(region.label, CLASS_COLOURS["unclassified"])
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, min(image.size) // 40))
+    counts = analysis.class_counts()
+    y = 6
+    for name in CLASSES:
+        text = f"{name.replace('_', ' ')}: {counts.get(name, 0)}"
+        box = draw.textbbox((26, y), text, font=font)
+        draw.rectangle((4, y - 2, box[2] + 6, box[3] + 4), fill=(0, 0, 0))
+        draw.rectangle((8, y + 2, 20, box[3] - 2), fill=CLASS_COLOURS[name])
+        draw.text((26, y), text, fill=(255, 255, 255), font=font)
+        y = box[3] + 8
+    return image
+
+
+def write_reports(frame: Frame, analysis: Analysis, out_dir: Path, *, save_probability: bool = False) -> list[Path]:
+    """Write ``<name>.json``, ``<name>_particles.csv``, ``<name>_overlay.png`` (and the ``.npy``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / frame.name
+    paths = [base.with_suffix(".json"), out_dir / f"{frame.name}_particles.csv", out_dir / f"{frame.name}_overlay.png"]
+    report = json.dumps(frame_report(frame, analysis), indent=2, default=_json_default).encode()
+    _atomic_write(paths[0], lambda fh: fh.write(report))
+
+    def write_csv(fh):
+        text = io.TextIOWrapper(fh, newline="", encoding="utf-8")
+        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_csv_rows(analysis))
+        text.flush()
+        text.detach()  # leave the binary handle open for fsync
+
+    _atomic_write(paths[1], write_csv)
+    overlay = overlay_image(frame, analysis)
+    _atomic_write(paths[2], lambda fh: overlay.save(fh, format="PNG"))
+    if save_probability:
+        if analysis.probability is None:
+            raise ValueError(f"{frame.frame_id}: probability map was not kept; analyse with keep_probability=True")
+        paths.append(out_dir / f"{frame.name}_probability.npy")
+        _atomic_write(paths[-1], lambda fh: np.save(fh, analysis.probability.astype(np.float32)))
+    return paths

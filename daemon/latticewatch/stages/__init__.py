@@ -1,0 +1,1 @@
+"""Pure pipeline stages: preprocess → segment → isolate → features → classify."""

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from latticewatch.stages.isolate import IsolationParams, clean_mask, isolate
+
+
+def disc(shape, centre, radius):
+    yy, xx = np.indices(shape)
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_clean_mask_removes_speckle_and_small_regions_keeps_particles():
+    prob = np.zeros((200, 200), np.float32)
+    prob[disc(prob.shape, (60, 60), 30)] = 0.9
+    prob[150, 150] = 1.0  # single-pixel speckle
+    prob[disc(prob.shape, (150, 40), 3)] = 0.8  # 28 px at 0.05 nm/px = 0.07 nm² < 2 nm²
+    mask = clean_mask(prob, IsolationParams(), 0.05)
+    _, regions = isolate(mask)
+    assert len(regions) == 1
+    assert regions[0].area_px == pytest.approx(np.pi * 30**2, rel=0.05)
+
+
+def test_threshold_from_params():
+    prob = np.zeros((100, 100), np.float32)
+    prob[disc(prob.shape, (50, 50), 20)] = 0.6
+    assert clean_mask(prob, IsolationParams(threshold=0.5), 0.05).any()
+    assert not clean_mask(prob, IsolationParams(threshold=0.7), 0.05).any()
+
+
+def test_closing_fills_gaps_between_fringes_and_holes():
+    prob = np.zeros((100, 100), np.float32)
+    inside = disc(prob.shape, (50, 50), 30)
+    prob[inside] = 1.0
+    prob[::4, :] = 0  # dark fringes cut the particle into stripes
+    mask = clean_mask(prob, IsolationParams(opening_radius_nm=0), 0.05)
+    _, regions = isolate(mask)
+    assert len(regions) == 1 and regions[0].solidity > 0.95
+
+
+def test_region_properties_and_edge_flag():
+    mask = np.zeros((64, 64), bool)
+    mask[0:10, 20:40] = True  # touches the top edge
+    mask[30:40, 30:35] = True
+    _, regions = isolate(mask)
+    by_area = sorted(regions, key=lambda r: r.area_px)
+    small, big = by_area
+    assert small.area_px == 50 and small.bbox == (30, 30, 40, 35) and not small.touches_edge
+    assert big.touches_edge and big.eccentricity > 0.8 and big.solidity == pytest.approx(1.0)
+    assert small.centroid == pytest.approx((34.5, 32.0))

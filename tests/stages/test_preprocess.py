@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from latticewatch.stages.preprocess import bezier_background, median3x3, normalise, pad_to_multiple, preprocess, resample
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (17, 33), (64, 5), (3, 3)])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.int8])
+def test_median3x3_equals_scipy_reference(shape, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.random(shape) * 100 - (50 if np.issubdtype(dtype, np.signedinteger) else 0)).astype(dtype)
+    np.testing.assert_array_equal(median3x3(x), ndimage.median_filter(x, 3, mode="reflect"))
+
+
+def test_median_removes_xray_spike():
+    x = np.full((32, 32), 100, np.uint16)
+    x[10, 10] = 65000
+    assert median3x3(x).max() == 100
+
+
+def test_max_normalisation_divides_by_maximum():
+    x = np.array([[0, 5], [10, 20]], np.uint16)
+    np.testing.assert_allclose(normalise(x, "max"), x / 20.0)
+
+
+def test_percentile_normalisation_range():
+    x = np.random.default_rng(0).normal(100, 10, (64, 64))
+    y = normalise(x, "percentile")
+    assert y.min() == 0 and y.max() == 1 and y.dtype == np.float32
+
+
+def test_bezier_zscore_removes_quadratic_illumination():
+    h, w = 128, 96
+    u, v = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    illumination = 1000 * (1 + 0.5 * u - 0.3 * v**2 + 0.2 * u * v)
+    fitted = bezier_background(illumination, subsample=1)
+    np.testing.assert_allclose(fitted, illumination, rtol=2e-3)
+    rng = np.random.default_rng(0)
+    texture = 1 + 0.05 * rng.standard_normal((h, w))
+    z = normalise(illumination * texture, "bezier_zscore")
+    assert abs(z.mean()) < 1e-4
+    # the illumination ramp is gone: both halves have the same mean
+    assert abs(z[: h // 2].mean() - z[h // 2 :].mean()) < 0.1
+
+
+def test_unknown_normalisation_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown normalisation 'zz'"):
+        normalise(np.ones((4, 4)), "zz")
+
+
+def test_resample_integer_factor_is_block_mean():
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_allclose(resample(x, 0.5), [[2.5, 4.5], [10.5, 12.5]])
+
+
+def test_resample_keeps_fringe_frequency():
+    # a 0.25 nm fringe sampled at 0.03 nm/px, resampled to 0.05 nm/px, stays at 0.25 nm
+    n = 300
+    x = np.cos(2 * np.pi * np.arange(n) * 0.03 / 0.25)[None, :].repeat(64, 0).astype(np.float32)
+    y = resample(x, 0.03 / 0.05)
+    spectrum = np.abs(np.fft.rfft(y[32] - y[32].mean()))
+    peak_period_px = y.shape[1] / np.argmax(spectrum)
+    assert peak_period_px * 0.05 == pytest.approx(0.25, rel=0.03)
+
+
+def test_pad_to_multiple():
+    padded, shape = pad_to_multiple(np.ones((30, 17)), 16)
+    assert padded.shape == (32, 32) and shape == (30, 17)
+
+
+def test_preprocess_resamples_only_with_known_pixel_size():
+    x = np.ones((128, 128), np.uint16)
+    assert preprocess(x, 0.025, normalisation="max", model_pixel_size_nm=0.05).image.shape == (64, 64)
+    unknown = preprocess(x, None, normalisation="max", model_pixel_size_nm=0.05)
+    assert unknown.image.shape == (128, 128) and unknown.scale == 1.0 and unknown.pixel_size_nm is None
