@@ -1,0 +1,1 @@
+"""Training support: synthetic data, datasets, training, evaluation and calibration of the models."""

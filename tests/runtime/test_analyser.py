@@ -1,0 +1,72 @@
+"""The whole pipeline on fresh synthetic frames, with the shipped nanoparticle profile."""
+
+import numpy as np
+import pytest
+
+from latticewatch.frame import CLASSES, Frame
+from latticewatch.runtime.analyser import Analyser, FrameError
+from latticewatch.training.synthetic import generate_frame
+
+
+@pytest.fixture(scope="module")
+def analyser():
+    return Analyser("nanoparticles", threads=2)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return generate_frame(np.random.default_rng(7), shape=(1024, 1024), pixel_size_nm=0.025, n_particles=6, dose_range=(100.0, 150.0))
+
+
+def dice(a, b):
+    a, b = a.astype(bool), b.astype(bool)
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_finds_the_particles_of_a_fresh_synthetic_frame(analyser, sample):
+    analysis = analyser.analyse(Frame("synthetic#0", sample.image, 0.025), keep_probability=True)
+    assert analysis.mask.shape == sample.image.shape and analysis.mask.dtype == np.uint8
+    assert dice(analysis.mask, sample.mask) > 0.7
+    assert analysis.probability.shape == sample.image.shape and analysis.probability.dtype == np.float32
+    assert set(analysis.timings_s) == {"preprocess", "segment", "isolate", "features", "classify", "assemble"}
+    assert analysis.model_ids["profile"].startswith("nanoparticles@")
+    assert len(analysis.regions) >= 3
+    for region in analysis.regions:
+        assert region.label in CLASSES
+        assert sum(region.probabilities.values()) == pytest.approx(1.0)
+        r0, c0, r1, c1 = region.bbox
+        assert 0 <= r0 < r1 <= 1024 and 0 <= c0 < c1 <= 1024
+        assert r0 <= region.centroid_px[0] <= r1 and c0 <= region.centroid_px[1] <= c1
+        # physical units follow from the frame's pixel size
+        assert region.area_nm2 == pytest.approx(region.area_px * 0.025**2, rel=0.05)
+        assert region.equivalent_diameter_nm == pytest.approx(np.sqrt(4 * region.area_nm2 / np.pi))
+        assert region.centroid_nm == pytest.approx((region.centroid_px[0] * 0.025, region.centroid_px[1] * 0.025), abs=1e-3)
+
+
+def test_sizes_in_nm_do_not_depend_on_camera_sampling(analyser, sample):
+    """The same field at 0.025 and 0.05 nm/px gives the same particle areas in nm²."""
+    fine = analyser.analyse(Frame("fine", sample.image, 0.025))
+    coarse_pixels = sample.image.reshape(512, 2, 512, 2).mean(axis=(1, 3)).astype(np.float32)
+    coarse = analyser.analyse(Frame("coarse", coarse_pixels, 0.05))
+    assert sum(r.area_nm2 for r in fine.regions) == pytest.approx(sum(r.area_nm2 for r in coarse.regions), rel=0.1)
+
+
+def test_unknown_pixel_size_is_reported_not_guessed(analyser, sample):
+    analysis = analyser.analyse(Frame("nopx", sample.image[:256, :256], None))
+    assert any("pixel size unknown" in w for w in analysis.warnings)
+    assert all(r.area_nm2 is None and r.centroid_nm is None for r in analysis.regions)
+
+
+@pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (np.zeros((1, 1), np.uint16), "1×1 px"),
+        (np.zeros((8, 64, 64), np.uint16), "expected a 2-D image"),
+        (np.full((64, 64), np.nan, np.float32), "4096 NaN/Inf pixels"),
+        (np.zeros((64, 64), np.complex64), "unsupported pixel type"),
+    ],
+)
+def test_bad_frames_are_refused_with_their_id(analyser, pixels, message):
+    with pytest.raises(FrameError, match=message) as err:
+        analyser.analyse(Frame("cam#12", pixels, 0.05))
+    assert str(err.value).startswith("cam#12:")
