@@ -43,8 +43,8 @@ def cmd_process(args: argparse.Namespace) -> int:
                     continue
                 write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
                 rows.append(summary(frame, analysis))
-        except ReadError as err:
-            failures.append({"file": str(path), "frame_id": None, "error": str(err)})
+        except (ReadError, OSError) as err:
+            failures.append({"file": str(path), "frame_id": getattr(err, "section", None) and f"{path}#{err.section}", "error": str(err)})
             print(f"error: {err}", file=sys.stderr)
     if args.json:
         json.dump({"frames": rows, "failures": failures, "out": str(args.out)}, sys.stdout, indent=2)

@@ -1,0 +1,1 @@
+"""Frame sources: file readers, the folder watcher, streams, replay and in-memory fakes."""
