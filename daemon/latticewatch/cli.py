@@ -19,33 +19,48 @@ def _progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+def _readable_frames(path: Path, permissive: bool, failures: list[dict]):
+    """Frames of one file; a bad file or section is recorded in ``failures`` and the rest still read."""
+    from latticewatch.sources.readers import ReadError, read_frames
+
+    start = 0
+    while True:
+        try:
+            yield from read_frames(path, permissive=permissive, start=start)
+            return
+        except (ReadError, OSError) as err:
+            section = getattr(err, "section", None)
+            failures.append({"file": str(path), "frame_id": None if section is None else f"{path}#{section}", "error": str(err)})
+            print(f"error: {err}", file=sys.stderr)
+            if section is None:
+                return
+            start = section + 1  # skip the bad section of a stack, keep the others
+
+
 def cmd_process(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from latticewatch.models.manifest import ManifestError
     from latticewatch.runtime.analyser import Analyser, FrameError
     from latticewatch.sinks.reports import summary, write_reports
-    from latticewatch.sources.readers import ReadError, read_frames
-    from tqdm import tqdm
 
     try:
         analyser = Analyser(args.profile, threads=args.threads)
     except (ManifestError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    rows, failures = [], []
+    rows: list[dict] = []
+    failures: list[dict] = []
     for path in tqdm(args.files, desc="files", unit="file", disable=not _progress_enabled() or len(args.files) < 2):
-        try:
-            for frame in read_frames(path, permissive=args.permissive):
-                try:
-                    analysis = analyser.analyse(frame, keep_probability=args.save_probabilities)
-                except FrameError as err:
-                    failures.append({"file": str(path), "frame_id": frame.frame_id, "error": str(err)})
-                    print(f"error: {err}", file=sys.stderr)
-                    continue
-                write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
-                rows.append(summary(frame, analysis))
-        except (ReadError, OSError) as err:
-            failures.append({"file": str(path), "frame_id": getattr(err, "section", None) and f"{path}#{err.section}", "error": str(err)})
-            print(f"error: {err}", file=sys.stderr)
+        for frame in _readable_frames(path, args.permissive, failures):
+            try:
+                analysis = analyser.analyse(frame, keep_probability=args.save_probabilities)
+            except FrameError as err:
+                failures.append({"file": str(path), "frame_id": frame.frame_id, "error": str(err)})
+                print(f"error: {err}", file=sys.stderr)
+                continue
+            write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
+            rows.append(summary(frame, analysis))
     if args.json:
         json.dump({"frames": rows, "failures": failures, "out": str(args.out)}, sys.stdout, indent=2)
         print()

@@ -108,3 +108,17 @@ class Analysis:
         counts = self.class_counts()
         oriented = counts["stacking_fault"] + counts["no_stacking_fault"]
         return counts["stacking_fault"] / oriented if oriented else None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Input that arrived but cannot become a `Frame` (malformed file or message).
+
+    Sources yield it instead of raising, so the runner can quarantine it, publish an error and go on
+    with the next frame.
+    """
+
+    frame_id: str
+    origin: str
+    problem: str
+    payload: bytes | None = None  # raw stream message, kept in quarantine; None for files (left in place)
