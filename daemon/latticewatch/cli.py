@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest = build_synthetic_profile(
         args.out, name=args.name, n_frames=args.synthetic, n_regions_per_class=args.regions_per_class,
         pixel_size_nm=args.pixel_size_nm, config=config, progress=_progress_enabled(),
+        command="latticewatch " + shlex.join(args.argv),
     )
     seg, clf = manifest.training["segmentation"].metrics, manifest.training["classifier"].metrics
     print(f"profile {manifest.name} written to {args.out}: validation Dice {seg['val_dice']:.3f}, "
@@ -109,24 +111,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from latticewatch.runtime.bench import run_pipeline_bench
-
-    results = {}
     if args.archive:
-        from latticewatch.sinks.archive import run_archive_bench
+        from latticewatch.sinks.archive_bench import format_bench_table, run_archive_bench
 
-        results["archive"] = run_archive_bench(repeats=args.repeats)
-    else:
-        results["pipeline"] = run_pipeline_bench(
-            args.profile, sizes=args.sizes, repeats=args.repeats, naive=not args.no_naive, threads=args.threads
-        )
-    if args.json:
-        json.dump(results, sys.stdout, indent=2)
-        print()
-    else:
-        from latticewatch.runtime.bench import format_results
+        results = run_archive_bench(repeats=args.repeats)
+        print(json.dumps(results, indent=2) if args.json else format_bench_table(results))
+        return EXIT_OK
+    from latticewatch.runtime.bench import format_results, run_pipeline_bench
 
-        print(format_results(results))
+    results = run_pipeline_bench(args.profile, sizes=args.sizes, repeats=args.repeats, naive=not args.no_naive, threads=args.threads)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
     return EXIT_OK
 
 
@@ -204,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default="nanoparticles")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="frame sides in pixels (default: 1024 4096)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repetitions per size (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repetitions per measurement (default: %(default)s)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference pipeline")
     p.add_argument("--archive", action="store_true", help="benchmark the archive encoder/decoder instead")
     p.add_argument("--threads", type=int, default=None)
@@ -226,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in trained models' manifests
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -123,19 +123,14 @@ def run_pipeline_bench(
 
 
 def format_results(results: dict[str, Any]) -> str:
+    """One human-readable line per frame size."""
     lines = []
-    pipeline = results.get("pipeline")
-    if pipeline:
-        for side, entry in pipeline["sizes"].items():
-            stages = ", ".join(f"{k} {1000 * v:.1f}" for k, v in entry["stage_median_s"].items())
-            line = f"{side}²: end to end {1000 * entry['median_s']:.1f} ms median ({stages} ms)"
-            if "naive_median_s" in entry:
-                line += f"; naive {1000 * entry['naive_median_s']:.0f} ms → {entry['speedup_vs_naive']:.1f}× faster"
-            lines.append(line)
-        if "note" in pipeline:
-            lines.append(pipeline["note"])
-    if "archive" in results:
-        import json
-
-        lines.append(json.dumps(results["archive"], indent=2))
+    for side, entry in results["sizes"].items():
+        stages = ", ".join(f"{k} {1000 * v:.1f}" for k, v in entry["stage_median_s"].items())
+        line = f"{side}²: end to end {1000 * entry['median_s']:.1f} ms median ({stages} ms)"
+        if "naive_median_s" in entry:
+            line += f"; naive {1000 * entry['naive_median_s']:.0f} ms → {entry['speedup_vs_naive']:.1f}× faster"
+        lines.append(line)
+    if "note" in results:
+        lines.append(results["note"])
     return "\n".join(lines)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +35,7 @@ def build_synthetic_profile(
     n_regions_per_class: int,
     pixel_size_nm: float,
     config: UNetTrainingConfig,
+    command: str,
     progress: bool = True,
 ) -> Manifest:
     """Train the U-Net and the forest on fresh analytic frames and write a verified profile."""
@@ -63,7 +62,6 @@ def build_synthetic_profile(
     sio.dump(forest, out_dir / "forest.skops")
 
     files = ["unet.onnx", "unet.safetensors", "forest.skops"]
-    command = "latticewatch " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("latticewatch") else shlex.join(sys.argv)
     manifest = Manifest(
         name=name,
         version=__version__,

@@ -102,9 +102,10 @@ def train_unet(
         optimiser.step()
         if step % config.eval_every == 0:
             dice = dice_score(predict_set(net, val[0]), val[1])
-            history.append({"step": step, "loss": float(loss), "val_dice": dice})
-            bar.set_postfix(loss=f"{float(loss):.3f}", val_dice=f"{dice:.3f}")
-            log.info("step %d: loss %.4f, validation Dice %.4f", step, float(loss), dice)
+            last_loss = loss.item()
+            history.append({"step": step, "loss": last_loss, "val_dice": dice})
+            bar.set_postfix(loss=f"{last_loss:.3f}", val_dice=f"{dice:.3f}")
+            log.info("step %d: loss %.4f, validation Dice %.4f", step, last_loss, dice)
             if dice > best + config.min_delta:
                 best, stale = dice, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}

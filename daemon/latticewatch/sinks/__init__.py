@@ -1,0 +1,1 @@
+"""Sinks: consumers of finished analyses (events, metrics, dashboard, archive)."""

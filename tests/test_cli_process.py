@@ -1,0 +1,88 @@
+"""`latticewatch process` end to end on real files written with mrcfile / tifffile."""
+
+import csv
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from latticewatch.cli import main
+from latticewatch.sinks.reports import CSV_COLUMNS
+from latticewatch.training.synthetic import generate_frame
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(11)
+    return [generate_frame(rng, shape=(512, 512), pixel_size_nm=0.025, n_particles=3, dose_range=(100.0, 150.0)) for _ in range(2)]
+
+
+@pytest.fixture
+def inputs(tmp_path, frames):
+    stack = tmp_path / "stack.mrc"
+    with mrcfile.new(stack) as m:
+        m.set_data(np.stack([f.image for f in frames]).astype(np.uint16))
+        m.voxel_size = 0.25  # Å
+    tif = tmp_path / "single.tif"
+    tifffile.imwrite(tif, frames[0].image, compression="zlib")
+    truncated = tmp_path / "truncated.mrc"
+    truncated.write_bytes(stack.read_bytes()[:2000])
+    text = tmp_path / "notes.tif"
+    text.write_text("not an image")
+    return {"stack": stack, "tif": tif, "truncated": truncated, "text": text}
+
+
+def test_process_writes_reports_and_survives_bad_files(tmp_path, inputs, capsys):
+    out = tmp_path / "out"
+    code = main(["process", str(inputs["truncated"]), str(inputs["stack"]), str(inputs["text"]), str(inputs["tif"]),
+                 "--out", str(out), "--save-probabilities", "--json"])
+    captured = capsys.readouterr()
+    assert code == 1  # some files failed …
+    summary = json.loads(captured.out)
+    names = [row["name"] for row in summary["frames"]]
+    assert names == ["stack_s0000", "stack_s0001", "single"]  # … but every good frame was analysed
+    failed = {f["file"] for f in summary["failures"]}
+    assert failed == {str(inputs["truncated"]), str(inputs["text"])}
+    assert "truncated.mrc" in captured.err and "notes.tif" in captured.err
+
+    report = json.loads((out / "stack_s0001.json").read_text())
+    assert report["pixel_size_nm"] == pytest.approx(0.025)
+    assert report["frame_id"].endswith("stack.mrc#1")
+    assert set(report["timings_s"]) >= {"preprocess", "segment", "isolate", "features", "classify"}
+    assert report["regions"], "particles expected in a frame with three particles"
+    region = report["regions"][0]
+    for key in ("bbox", "centroid_px", "centroid_nm", "area_nm2", "equivalent_diameter_nm", "eccentricity",
+                "solidity", "touches_edge", "label", "probabilities", "features"):
+        assert key in region
+
+    with open(out / "stack_s0001_particles.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(report["regions"])
+
+    overlay = Image.open(out / "stack_s0001_overlay.png")
+    assert overlay.size == (512, 512) and overlay.mode == "RGB"
+    prob = np.load(out / "stack_s0001_probability.npy")
+    assert prob.shape == (512, 512) and prob.dtype == np.float32
+    # the TIFF has no pixel size: reported, not guessed
+    single = json.loads((out / "single.json").read_text())
+    assert single["pixel_size_nm"] is None and any("pixel size unknown" in w for w in single["warnings"])
+
+
+def test_process_prints_a_table(tmp_path, inputs, capsys):
+    assert main(["process", str(inputs["stack"]), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "stack_s0000" in out and "2 frame(s) analysed, 0 failed" in out
+
+
+def test_unknown_profile_is_a_usage_error(tmp_path, inputs, capsys):
+    assert main(["process", str(inputs["stack"]), "--out", str(tmp_path), "--profile", "nosuch"]) == 2
+    assert "unknown profile 'nosuch'" in capsys.readouterr().err
+
+
+def test_models_list_shows_the_shipped_profile(capsys):
+    assert main(["models", "list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["nanoparticles"]["error"] is None
