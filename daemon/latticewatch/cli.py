@@ -50,6 +50,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     except (ManifestError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    archive = _archive_writer(args, analyser) if args.archive else None
     rows: list[dict] = []
     failures: list[dict] = []
     for path in tqdm(args.files, desc="files", unit="file", disable=not _progress_enabled() or len(args.files) < 2):
@@ -62,6 +63,10 @@ def cmd_process(args: argparse.Namespace) -> int:
                 continue
             write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
             rows.append(summary(frame, analysis))
+            if archive is not None:
+                _archive_frame(archive, frame, analysis, failures)
+    if archive is not None:
+        archive.close()
     if args.json:
         json.dump({"frames": rows, "failures": failures, "out": str(args.out)}, sys.stdout, indent=2)
         print()
@@ -69,6 +74,30 @@ def cmd_process(args: argparse.Namespace) -> int:
         _print_table(rows)
         print(f"{len(rows)} frame(s) analysed, {len(failures)} failed; results in {args.out}")
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _archive_writer(args: argparse.Namespace, analyser):
+    from datetime import datetime, timezone
+
+    from latticewatch.sinks.archive import ArchiveWriter, UncertaintyRule
+
+    rules = analyser.manifest.archive
+    session = "process-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return ArchiveWriter(
+        args.archive, session, args.archive_policy, args.archive_margin_nm, reduce=not args.lossless,
+        low_value_class=rules.low_value_class, uncertainty=UncertaintyRule(min_mean_confidence=rules.min_mean_confidence),
+    )
+
+
+def _archive_frame(archive, frame, analysis, failures: list[dict]) -> None:
+    from latticewatch.sinks.archive import ArchiveUnavailable
+
+    try:
+        archive.write(frame, analysis, {"written_by": "latticewatch process"})
+    except ArchiveUnavailable as err:
+        # reports are written; only the archive copy is missing, and the source file is untouched
+        failures.append({"file": frame.origin, "frame_id": frame.frame_id, "error": f"not archived: {err}"})
+        print(f"error: {frame.frame_id}: not archived: {err}", file=sys.stderr)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -167,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--permissive", action="store_true", help="warn and guess on inconsistent headers instead of failing")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
+    p.add_argument("--archive", type=Path, metavar="ROOT", help="also archive each frame (HDF5, see README 'Archive') under ROOT")
+    p.add_argument("--archive-policy", default="drop", metavar="POLICY",
+                   help="low-value pixels: drop[:FILL], mean or quantize:N (default: %(default)s)")
+    p.add_argument("--archive-margin-nm", type=float, default=0.5, help="exact margin around particles in nm (default: %(default)s)")
+    p.add_argument("--lossless", action="store_true", help="archive every frame whole and lossless (reduce = false)")
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser(
@@ -214,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     from latticewatch.sinks import archive_cli
 
     archive_cli.register(sub)
+    from latticewatch.runtime import daemon_cli; daemon_cli.register(sub)  # noqa: E702  run | demo | check-config | replay
     return parser
 
 

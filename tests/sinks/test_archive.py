@@ -552,15 +552,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def docs_snippet() -> str:
-    """The "Reading it with plain h5py" block of the docs (docs/archive.md, or README.md once merged)."""
-    for doc in (REPO / "docs" / "archive.md", REPO / "README.md"):
-        if not doc.exists():
-            continue
-        text = doc.read_text(encoding="utf-8")
-        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
-            if 'f["frames"][key]' in block and "exact/pixels" in block:
-                return block
-    pytest.fail("the plain-h5py snippet of the archive docs was not found in docs/archive.md or README.md")
+    """The "Reading it with plain h5py" block of the README's archive section."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        if 'f["frames"][key]' in block and "exact/pixels" in block:
+            return block
+    pytest.fail("the plain-h5py snippet of the archive docs was not found in README.md")
 
 
 @pytest.mark.parametrize("policy", ["drop", "drop:100", "mean", "quantize:1", "quantize:3", "quantize:4", "quantize:10"])

@@ -43,6 +43,9 @@ class NaivePipeline:
         self.net.eval()
         self.forest = load_forest(directory / manifest.classifier.skops)
         self.threshold = manifest.segmentation.threshold
+        # the seed pipeline works at the camera's sampling: the same radii in nm are more pixels
+        self.open_px = round(manifest.isolation.opening_radius_nm / BENCH_PIXEL_SIZE_NM)
+        self.close_px = round(manifest.isolation.closing_radius_nm / BENCH_PIXEL_SIZE_NM)
 
     def __call__(self, pixels: np.ndarray) -> int:
         from scipy import ndimage
@@ -56,7 +59,7 @@ class NaivePipeline:
                 for c in range(0, image.shape[1], 512):
                     tile = self.torch.from_numpy(np.ascontiguousarray(image[r : r + 512, c : c + 512]))[None, None]
                     prob[r : r + 512, c : c + 512] = self.net(tile)[0, 1].numpy()
-        mask = morphology.binary_closing(morphology.binary_opening(prob > self.threshold, morphology.disk(4)), morphology.disk(6))
+        mask = morphology.closing(morphology.opening(prob > self.threshold, morphology.disk(self.open_px)), morphology.disk(self.close_px))
         labels = measure.label(mask)
         n = 0
         for region in measure.regionprops(labels, intensity_image=image):

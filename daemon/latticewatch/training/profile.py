@@ -43,12 +43,13 @@ def build_synthetic_profile(
     n_val = max(4, n_frames // 10)
     train = synthetic_segmentation_set(n_frames, config.seed, pixel_size_nm=pixel_size_nm, progress=progress)
     val = synthetic_segmentation_set(n_val, config.seed + 1, pixel_size_nm=pixel_size_nm, progress=progress)
-    result = train_unet(train, val, config, progress=progress)
+    result = train_unet(train, val, config, progress=progress, checkpoint=out_dir / "checkpoint.safetensors")
 
     val_prob = predict_set(result.net, val[0])
     seg_metrics = {"val_dice": round(dice_score(val_prob, val[1]), 4), "n_val_frames": n_val, "steps": result.steps,
                    "seconds": round(result.seconds, 1), "history": result.history}
     save_file(result.net.state_dict(), str(out_dir / "unet.safetensors"), metadata={"widths": json.dumps(list(config.widths))})
+    (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     export_onnx(result.net, out_dir / "unet.onnx")
     parity = float(np.abs(OnnxRuntimeBackend(out_dir / "unet.onnx").predict(val[0][:1, None])[0, 0] - torch_probability(result.net, val[0][0])).max())
     if parity > PARITY_TOLERANCE:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -70,8 +72,13 @@ def train_unet(
     config: UNetTrainingConfig,
     *,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> TrainingResult:
-    """Train on random augmented crops; keep the weights with the best validation Dice."""
+    """Train on random augmented crops; keep the weights with the best validation Dice.
+
+    With ``checkpoint`` the best weights so far are also saved there (safetensors) at every
+    improvement, so an interrupted run leaves its best model behind.
+    """
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -109,6 +116,8 @@ def train_unet(
             if dice > best + config.min_delta:
                 best, stale = dice, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                if checkpoint is not None:
+                    save_file(best_state, str(checkpoint), metadata={"step": str(step), "val_dice": f"{dice:.5f}"})
             else:
                 stale += 1
                 if stale >= config.patience:
