@@ -45,9 +45,12 @@ def cmd_process(args: argparse.Namespace) -> int:
     from latticewatch.runtime.analyser import Analyser, FrameError
     from latticewatch.sinks.reports import summary, write_reports
 
+    from latticewatch.calibration import CalibrationError, apply_calibration, load_calibration
+
     try:
         analyser = Analyser(args.profile, threads=args.threads)
-    except (ManifestError, OSError) as err:
+        calibration = load_calibration(args.calibration) if args.calibration else None
+    except (ManifestError, CalibrationError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     archive = _archive_writer(args, analyser) if args.archive else None
@@ -55,6 +58,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     failures: list[dict] = []
     for path in tqdm(args.files, desc="files", unit="file", disable=not _progress_enabled() or len(args.files) < 2):
         for frame in _readable_frames(path, args.permissive, failures):
+            if calibration is not None:
+                frame = apply_calibration(frame, calibration, args.calibration.name)
             try:
                 analysis = analyser.analyse(frame, keep_probability=args.save_probabilities)
             except FrameError as err:
@@ -196,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--permissive", action="store_true", help="warn and guess on inconsistent headers instead of failing")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
+    p.add_argument("--calibration", type=Path, metavar="TOML",
+                   help="instrument calibration (magnification → pixel size) for frames whose files carry no pixel size")
     p.add_argument("--archive", type=Path, metavar="ROOT", help="also archive each frame (HDF5, see README 'Archive') under ROOT")
     p.add_argument("--archive-policy", default="drop", metavar="POLICY",
                    help="low-value pixels: drop[:FILL], mean or quantize:N (default: %(default)s)")
