@@ -8,7 +8,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm import tqdm
 
 from latticewatch.frame import CLASSES
-from latticewatch.stages.features import FEATURE_NAMES, region_features
+from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
 from latticewatch.stages.preprocess import Normalisation, preprocess
 from latticewatch.training.synthetic import generate_region
 
@@ -26,7 +26,8 @@ def synthetic_region_features(
     rows, labels = [], []
     jobs = [(index, name) for name in CLASSES for index in [CLASSES.index(name)] for _ in range(n_per_class)]
     for index, name in tqdm(jobs, desc="synthetic regions", disable=not progress, unit="region"):
-        sample = generate_region(rng, name, pixel_size_nm=pixel_size_nm)
+        # crops as large as the feature FFT, so regions span the full 2–10 nm size range
+        sample = generate_region(rng, name, size_px=FFT_SIZE, pixel_size_nm=pixel_size_nm)
         image = preprocess(sample.image, pixel_size_nm, normalisation=normalisation, model_pixel_size_nm=pixel_size_nm).image
         feats = region_features(image, sample.mask.astype(bool), pixel_size_nm)
         rows.append([feats[f] for f in FEATURE_NAMES])
