@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from latticewatch.runtime.plugins import resolve_profile
 from latticewatch.stages.classify import RegionClassifier
 from latticewatch.stages.features import region_features
 from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
-from latticewatch.stages.preprocess import preprocess
+from latticewatch.stages.preprocess import Preprocessed, pad_to_multiple, preprocess
 from latticewatch.stages.segment import segment
 
 #: Frames below this side length cannot hold a particle at any sensible sampling.
@@ -60,6 +61,16 @@ def validate_pixels(frame: Frame) -> None:
         bad = int(np.count_nonzero(~np.isfinite(px)))
         if bad:
             raise FrameError(f"{frame.frame_id}: {bad} NaN/Inf pixels")
+
+
+@dataclass
+class Prepared:
+    """A frame after `Analyser.prepare`: its model-ready image, timings and warnings so far."""
+
+    frame: Frame
+    pre: Preprocessed
+    timings: dict[str, float]
+    warnings: list[str]
 
 
 class Analyser:
@@ -109,17 +120,55 @@ class Analyser:
 
     def analyse(self, frame: Frame, *, keep_probability: bool = False) -> Analysis:
         """Run every stage on one frame and return its analysis."""
+        prepared = self.prepare(frame)
+        return self.finish(prepared, self.segment_batch([prepared])[0], keep_probability=keep_probability)
+
+    # The three phases below are `analyse` cut where a pipelined runner puts its queues:
+    # CPU-bound preparation, the accelerator, CPU-bound post-processing.
+
+    def prepare(self, frame: Frame) -> Prepared:
+        """Validate and preprocess one frame (first phase of `analyse`); raises `FrameError`."""
         validate_pixels(frame)
         seg = self.manifest.segmentation
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if frame.pixel_size_nm is None:
             warnings.append("pixel size unknown: no resampling, sizes reported in pixels only")
-
         with _timed(timings, "preprocess"):
             pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation, model_pixel_size_nm=seg.pixel_size_nm)
-        with _timed(timings, "segment"):
-            probability = segment(pre.image, self.backend, levels=len(seg.widths), max_pixels=self.max_pixels)
+        return Prepared(frame, pre, timings, warnings)
+
+    def segment_batch(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
+        """Particle probabilities for several prepared frames (second phase of `analyse`).
+
+        Frames whose padded model-resolution images have the same shape and fit in
+        ``max_pixels`` together go through the backend as one batch; the others one by one
+        (tiled when large). Each frame is charged its share of the batch's time.
+        """
+        levels = len(self.manifest.segmentation.widths)
+        divisor = 2**levels
+        out: list[np.ndarray | None] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prepared):
+            padded_shape = tuple(-(-n // divisor) * divisor for n in p.pre.image.shape)
+            groups.setdefault(padded_shape if math.prod(padded_shape) <= self.max_pixels else ("tiled", i), []).append(i)
+        for members in groups.values():
+            start = time.perf_counter()
+            if len(members) > 1:
+                padded = [pad_to_multiple(prepared[i].pre.image, divisor) for i in members]
+                probs = self.backend.predict(np.stack([img for img, _ in padded])[:, None])
+                for i, (_, (h, w)), prob in zip(members, padded, probs):
+                    out[i] = prob[0, :h, :w]
+            else:
+                out[members[0]] = segment(prepared[members[0]].pre.image, self.backend, levels=levels, max_pixels=self.max_pixels)
+            share = (time.perf_counter() - start) / len(members)
+            for i in members:
+                prepared[i].timings["segment"] = prepared[i].timings.get("segment", 0.0) + share
+        return out  # type: ignore[return-value]
+
+    def finish(self, prepared: Prepared, probability: np.ndarray, *, keep_probability: bool = False) -> Analysis:
+        """Isolate, measure and classify regions from the probability map (last phase of `analyse`)."""
+        frame, pre, timings = prepared.frame, prepared.pre, prepared.timings
         with _timed(timings, "isolate"):
             clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
             labels, isolated = isolate(clean)
@@ -152,7 +201,7 @@ class Analyser:
             profile=self.manifest.name,
             pixel_size_nm=frame.pixel_size_nm,
             mean_confidence=confidence,
-            warnings=tuple(warnings),
+            warnings=tuple(prepared.warnings),
             probability=full_probability,
         )
 

@@ -1,0 +1,238 @@
+"""The daemon's TOML configuration, validated by pydantic.
+
+Every error names the key (``sources.cam.socket``) and says what is allowed. Relative paths are
+taken relative to the config file's folder (to the working directory when there is no file).
+
+Example (every key with its default)::
+
+    profile = "nanoparticles"          # installed profile name, or a profile directory
+    data_dir = "./latticewatch-data"   # state (ledger, events, spool, quarantine) goes in <data_dir>/state
+
+    [runtime]
+    runner = "pipelined"               # or "inline" (one thread; sources one after another)
+    budget_ms = 2000                   # per-frame processing budget; overruns are counted
+    queue_size = 4                     # frames between pipeline phases
+    max_batch = 4                      # frames segmented together when behind
+    threads = 0                        # inference threads; 0 = all cores
+
+    [sources.incoming]                 # one table per source; the table name names the source
+    kind = "folder"
+    path = "./incoming"
+    polling = false                    # true for SMB/NFS shares (inotify misses remote writes)
+    settle_s = 1.0
+    poll_interval_s = 1.0
+    recursive = true
+    permissive = false
+
+    [sources.camera]
+    kind = "zmq"
+    address = "tcp://127.0.0.1:5555"
+    socket = "pull"                    # or "sub"
+    bind = false
+    max_pixels = 268435456
+    high_water_mark = 1000
+
+Other ``kind`` values name source plugins (entry point group ``latticewatch.sources``); their
+tables go to the plugin's factory unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from latticewatch.sources.readers import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger("latticewatch.config")
+
+#: Hosts that only this machine can reach: the only ones a default config ever binds.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message lists every problem as ``<file>: <key>: <what is allowed>``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FolderSourceConfig(_Strict):
+    kind: Literal["folder"]
+    path: Path = Path("./incoming")
+    polling: bool = False
+    settle_s: float = Field(1.0, ge=0, le=3600)
+    poll_interval_s: float = Field(1.0, gt=0, le=3600)
+    recursive: bool = True
+    permissive: bool = False
+
+
+class ZmqSourceConfig(_Strict):
+    kind: Literal["zmq"]
+    address: str = "tcp://127.0.0.1:5555"
+    socket: Literal["pull", "sub"] = "pull"
+    bind: bool = False
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    high_water_mark: int = Field(1000, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError("must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555 (tcp://, ipc:// or inproc://)")
+        return value
+
+
+class PluginSourceConfig(BaseModel):
+    """A source provided by a plugin: ``kind`` plus whatever the plugin's factory accepts."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+SourceConfig = FolderSourceConfig | ZmqSourceConfig | PluginSourceConfig
+BUILTIN_KINDS = {"folder": FolderSourceConfig, "zmq": ZmqSourceConfig}
+
+
+class RuntimeConfig(_Strict):
+    runner: Literal["pipelined", "inline"] = "pipelined"
+    budget_ms: float = Field(2000.0, gt=0)
+    queue_size: int = Field(4, ge=1, le=1024)
+    max_batch: int = Field(4, ge=1, le=256)
+    threads: int = Field(0, ge=0)
+
+
+class Config(_Strict):
+    """The whole configuration; `load_config` builds it from a file."""
+
+    profile: str = "nanoparticles"
+    data_dir: Path = Path("./latticewatch-data")
+    runtime: RuntimeConfig = RuntimeConfig()
+    sources: dict[str, SourceConfig] = Field(default_factory=lambda: {"incoming": FolderSourceConfig(kind="folder")})
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / "state"
+
+
+def _source(name: str, table: Any, plugin_kinds: set[str]) -> tuple[SourceConfig | None, list[str]]:
+    where = f"sources.{name}"
+    if not isinstance(table, dict):
+        return None, [f"{where}: must be a table ([{where}]) with a 'kind' key"]
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return None, [f"{where}: source names may use letters, digits, '-' and '_' only (they prefix frame ids)"]
+    kind = table.get("kind")
+    allowed = ", ".join(sorted({*BUILTIN_KINDS, *plugin_kinds}))
+    if kind in BUILTIN_KINDS:
+        try:
+            return BUILTIN_KINDS[kind].model_validate(table), []
+        except ValidationError as err:
+            return None, _describe(err, prefix=where, model=BUILTIN_KINDS[kind])
+    if kind in plugin_kinds:
+        return PluginSourceConfig(kind=kind, options={k: v for k, v in table.items() if k != "kind"}), []
+    if kind is None:
+        return None, [f"{where}.kind: missing; allowed: {allowed}"]
+    return None, [f"{where}.kind: unknown source kind {kind!r}; allowed: {allowed} (plugins add more)"]
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The model that holds the key at ``loc`` (for listing the keys allowed next to a typo)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return model
+
+
+def _describe(err: ValidationError, *, model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_model_at(model, e["loc"][:-1]).model_fields)
+            lines.append(f"{key}: unknown key; allowed here: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}")
+    return lines
+
+
+def parse_config(data: dict[str, Any], *, base: Path | None = None, plugin_kinds: set[str] | None = None) -> Config:
+    """Validate a config mapping (as read from TOML); raise `ConfigError` listing every problem.
+
+    Examples
+    --------
+    >>> parse_config({"sources": {"cam": {"kind": "zmq", "socket": "push"}}}, plugin_kinds=set())
+    Traceback (most recent call last):
+    ...
+    latticewatch.config.ConfigError: sources.cam.socket: Input should be 'pull' or 'sub' (got 'push')
+    >>> parse_config({}, plugin_kinds=set()).sources["incoming"].path
+    PosixPath('incoming')
+    """
+    if plugin_kinds is None:
+        from latticewatch.sources.base import discover_sources
+
+        plugin_kinds = set(discover_sources())
+    problems: list[str] = []
+    top = dict(data)
+    raw_sources = top.pop("sources", None)
+    sources: dict[str, SourceConfig] = {}
+    if raw_sources is not None:
+        if not isinstance(raw_sources, dict) or not raw_sources:
+            problems.append("sources: must hold at least one [sources.<name>] table")
+        else:
+            for name, table in raw_sources.items():
+                parsed, errors = _source(name, table, plugin_kinds)
+                problems += errors
+                if parsed is not None:
+                    sources[name] = parsed
+    try:
+        config = Config.model_validate(top)
+    except ValidationError as err:
+        problems += _describe(err, model=Config)
+        config = None
+    if problems:
+        raise ConfigError("\n".join(problems))
+    if sources:
+        config = config.model_copy(update={"sources": sources})
+    return _resolve_paths(config, base) if base is not None else config
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    sources = {
+        name: s.model_copy(update={"path": base / s.path}) if isinstance(s, FolderSourceConfig) else s
+        for name, s in config.sources.items()
+    }
+    profile = config.profile
+    if ("/" in profile or profile.startswith(".")) and not Path(profile).is_absolute():
+        profile = str(base / profile)
+    return config.model_copy(update={"data_dir": base / config.data_dir, "sources": sources, "profile": profile})
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML config file; ``None`` gives the defaults.
+
+    Examples
+    --------
+    >>> load_config(None).runtime.runner
+    'pipelined'
+    """
+    if path is None:
+        return parse_config({})
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    try:
+        return parse_config(data, base=path.resolve().parent)
+    except ConfigError as err:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None

@@ -1,0 +1,405 @@
+"""Watch a folder the way SerialEM (and cameras writing one file per frame) fill it.
+
+When is an image complete?
+--------------------------
+* **MRC stack with a ``<stack>.mdoc``** (SerialEM): SerialEM appends the section's pixels,
+  updates the header (``nz``), then rewrites the mdoc with a new ``[ZValue = N]`` section.
+  Section N is complete when the mdoc lists it, the header's ``nz`` covers it and the file holds
+  its bytes. Because SerialEM rewrites the mdoc (renaming the old one to ``.mdoc~``), the *last*
+  listed section is taken once a later one is listed, or the mdoc was closed after writing, or
+  it has not changed for ``settle_s`` — so its keys are never read from a half-written mdoc.
+  A stack once seen with an mdoc keeps these rules while the mdoc is briefly absent.
+* **MRC without an mdoc**: sections below the header's ``nz``, once the file holds the bytes of
+  every announced section; the last one only once the file has not changed for ``settle_s`` or
+  was closed after writing. A header announcing sections whose bytes are missing (a writer that
+  updates the header first, a stalled copy) is waited for, with one warning, never rejected.
+* **Any other file** (single MRC frames behave as stacks of one): complete when closed after
+  writing or unchanged (size and mtime) for ``settle_s``; read once, never again.
+* Finished sections of a growing stack are never read again; a section is never read while
+  its bytes are incomplete. Files are only ever opened read-only.
+* Ignored: dotfiles, ``~``-suffixed backups (``*.mdoc~``), temporary names (``*.tmp``,
+  ``*.part`` …), and suffixes the readers do not support.
+* On start every existing file is examined, so files and sections that arrived while the
+  daemon was down are caught up; ``skip`` keeps finished ones from being read again.
+
+``frame_id`` is ``<source name>:<path relative to the folder>`` plus ``#<section>`` for MRC files
+(whose section count may grow) and for multi-image files of other formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from latticewatch.frame import Frame, Rejected
+from latticewatch.sources.base import SkipFn, StopFlag
+from latticewatch.sources.mdoc import Mdoc, parse_mdoc, section_info
+from latticewatch.sources.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
+
+log = logging.getLogger("latticewatch.sources.folder")
+
+#: Names that writers use while a file is incomplete, or for backups.
+TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
+#: How often pending files are re-examined (also bounds how quickly ``stop`` is honoured).
+TICK_S = 0.1
+
+
+def is_candidate(name: str) -> bool:
+    """Whether a file name can hold frames (not hidden, not temporary, a supported format).
+
+    Examples
+    --------
+    >>> [is_candidate(n) for n in ("a.mrc", ".a.mrc", "a.mrc.mdoc~", "a.tif.part", "notes.txt")]
+    [True, False, False, False, False]
+    """
+    lower = name.lower()
+    if name.startswith((".", "~")) or lower.endswith(TEMPORARY_SUFFIXES):
+        return False
+    return lower.endswith(SUPPORTED_SUFFIXES)
+
+
+@dataclass
+class _Settle:
+    """Tracks one file's (size, mtime) to tell when its writer is done with it."""
+
+    signature: tuple[int, int] | None = None
+    since: float = 0.0
+    closed_at: tuple[int, int] | None = None  # signature when a close-after-write was reported
+
+    def observe(self, path: Path, now: float) -> bool:
+        """Update from ``stat``; False when the file is gone."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self.signature = None
+            return False
+        signature = (st.st_size, st.st_mtime_ns)
+        if signature != self.signature:
+            self.signature, self.since = signature, now
+        return True
+
+    def closed(self, path: Path) -> None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        self.closed_at = (st.st_size, st.st_mtime_ns)
+
+    def settled(self, now: float, settle_s: float) -> bool:
+        if self.signature is None:
+            return False
+        return self.signature == self.closed_at or now - self.since >= settle_s
+
+
+@dataclass
+class _Tracked:
+    path: Path
+    rel: str
+    is_mrc: bool
+    data: _Settle = field(default_factory=_Settle)
+    mdoc: _Settle = field(default_factory=_Settle)
+    has_mdoc: bool = False
+    next_section: int = 0
+    done: bool = False  # non-MRC file fully read (or rejected)
+    failed_at: tuple[int, int] | None = None  # signature at which reading failed; retried if it changes
+    stalled: bool = False  # incomplete section reported (once)
+    io_errors: int = 0
+
+
+@dataclass(frozen=True)
+class _MrcLayout:
+    nz: int
+    complete_sections: int  # sections whose bytes are all in the file
+
+
+def _mrc_layout(path: Path) -> _MrcLayout | None:
+    """nz and how many sections are present, from the header alone; None if not parseable (yet)."""
+    import mrcfile
+    from mrcfile import utils as mrc_utils
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # permissive mrcfile warns about what the reader reports
+            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                header = mrc.header
+                if header is None:
+                    return None
+                nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+                itemsize = mrc_utils.data_dtype_from_header(header).itemsize
+                start = header.nbytes + int(header.nsymbt)
+    except (ValueError, OSError, KeyError, EOFError):
+        return None
+    if min(nx, ny) <= 0 or nz < 0:
+        return None
+    if nz == 0:  # opened, no section announced yet
+        return _MrcLayout(0, 0)
+    section_bytes = nx * ny * itemsize
+    return _MrcLayout(nz, max(0, (path.stat().st_size - start) // section_bytes))
+
+
+class FolderSource:
+    """Frames from files appearing in a folder (SerialEM stacks + mdoc, one file per frame).
+
+    Parameters
+    ----------
+    path
+        The folder to watch (created if missing; never written to).
+    name
+        Source name, the prefix of frame ids.
+    polling
+        Use watchdog's polling observer (SMB/NFS shares, where inotify misses remote writes).
+    settle_s
+        How long a file (or mdoc) must stay unchanged before its last image counts as complete.
+    poll_interval_s
+        Interval of the polling observer.
+    recursive
+        Also watch sub-folders.
+    permissive
+        Passed to the readers: warn and guess on inconsistent headers.
+
+    Examples
+    --------
+    >>> import threading, tempfile
+    >>> source = FolderSource(tempfile.mkdtemp(), name="incoming", settle_s=0.2)
+    >>> stop = threading.Event(); stop.set()
+    >>> list(source.frames(stop))
+    []
+    """
+
+    replayable = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str = "folder",
+        polling: bool = False,
+        settle_s: float = 1.0,
+        poll_interval_s: float = 1.0,
+        recursive: bool = True,
+        permissive: bool = False,
+    ) -> None:
+        self.root = Path(path)
+        self.name = name
+        self.polling = polling
+        self.settle_s = settle_s
+        self.poll_interval_s = poll_interval_s
+        self.recursive = recursive
+        self.permissive = permissive
+        self.counters: dict[str, int] = {"frames": 0, "rejected": 0, "io_errors": 0}
+        self._files: dict[Path, _Tracked] = {}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _observer(self, inbox: queue.SimpleQueue):
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                # opens and read-only closes are also our own reads: they change nothing
+                if not event.is_directory and event.event_type not in ("opened", "closed_no_write"):
+                    inbox.put((event.event_type, os.fsdecode(getattr(event, "dest_path", "") or event.src_path)))
+
+        observer = PollingObserver(timeout=self.poll_interval_s) if self.polling else Observer()
+        observer.schedule(Handler(), str(self.root), recursive=self.recursive)
+        return observer
+
+    def _track(self, path: Path) -> _Tracked | None:
+        """The tracked file for an event on ``path`` (a data file or its ``.mdoc``)."""
+        if path.name.lower().endswith(".mdoc"):
+            stack = path.with_name(path.name[: -len(".mdoc")])
+            if not is_candidate(stack.name):
+                return None
+            tracked = self._track(stack)
+            if tracked is not None:
+                tracked.has_mdoc = True
+            return tracked
+        if not is_candidate(path.name):
+            return None
+        tracked = self._files.get(path)
+        if tracked is None:
+            rel = path.relative_to(self.root).as_posix()
+            tracked = self._files[path] = _Tracked(path, rel, path.suffix.lower() in MRC_SUFFIXES)
+            tracked.has_mdoc = path.with_name(path.name + ".mdoc").exists()
+        return tracked
+
+    def _catch_up(self) -> set[Path]:
+        found = set()
+        walker = os.walk(self.root) if self.recursive else [(str(self.root), [], os.listdir(self.root))]
+        for directory, dirs, names in walker:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                tracked = self._track(Path(directory) / name)
+                if tracked is not None:
+                    found.add(tracked.path)
+        if found:
+            log.info("%s: examining %d existing file(s) in %s", self.name, len(found), self.root)
+        return found
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def frames(self, stop: StopFlag, skip: SkipFn | None = None) -> Iterator[Frame | Rejected]:
+        """Yield complete images in arrival order until ``stop`` is set."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        observer = self._observer(inbox)
+        observer.start()  # before the catch-up scan, so nothing written meanwhile is missed
+        try:
+            active = self._catch_up()
+            while not stop.is_set():
+                while True:
+                    try:
+                        kind, raw = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    path = Path(raw)
+                    tracked = self._track(path) if kind != "deleted" else self._files.get(path)
+                    if tracked is None:
+                        continue
+                    if kind == "closed":
+                        (tracked.mdoc if path != tracked.path else tracked.data).closed(path)
+                    active.add(tracked.path)
+                now = time.monotonic()
+                for path in sorted(active, key=lambda p: self._files[p].data.since):
+                    if stop.is_set():
+                        break
+                    tracked = self._files[path]
+                    pending = yield from self._poll(tracked, now, skip or (lambda _fid: False))
+                    if not pending:
+                        active.discard(path)
+                time.sleep(TICK_S)
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+
+    def _poll(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
+        """Yield what is complete in one file; return True while the file needs watching."""
+        if not f.data.observe(f.path, now):
+            return False
+        if f.failed_at is not None:
+            if f.data.signature == f.failed_at:
+                return False
+            f.failed_at = None  # the file changed since it failed: try again
+        if f.has_mdoc:
+            f.mdoc.observe(f.path.with_name(f.path.name + ".mdoc"), now)
+        try:
+            if f.is_mrc:
+                return (yield from self._poll_stack(f, now, skip))
+            return (yield from self._poll_single(f, now, skip))
+        except OSError as err:
+            # transient (NFS hiccup, file locked by the writer on SMB): retry on the next tick
+            f.io_errors += 1
+            self.counters["io_errors"] += 1
+            level = logging.WARNING if f.io_errors in (1, 10, 100) else logging.DEBUG
+            log.log(level, "%s: cannot read %s yet (%s); retrying", self.name, f.path, err)
+            return True
+
+    def _frame_id(self, f: _Tracked, section: int | None) -> str:
+        return f"{self.name}:{f.rel}" if section is None else f"{self.name}:{f.rel}#{section}"
+
+    def _rejected(self, f: _Tracked, err: ReadError, section: int | None) -> Rejected:
+        self.counters["rejected"] += 1
+        log.error("%s: %s", self.name, err)
+        return Rejected(self._frame_id(f, section), str(f.path), err.problem)
+
+    def _finish(self, f: _Tracked, frame: Frame, frame_id: str, mdoc: Mdoc | None, section: int) -> Frame:
+        self.counters["frames"] += 1
+        meta = dict(frame.meta)
+        pixel_size, acquired = frame.pixel_size_nm, frame.acquired_at
+        if mdoc is not None and section in mdoc.sections:
+            info = section_info(mdoc, section)
+            meta["mdoc"] = info.meta
+            pixel_size = info.pixel_size_nm or pixel_size  # SerialEM's calibration beats the header
+            acquired = info.acquired_at or acquired
+        return dataclasses.replace(frame, frame_id=frame_id, meta=meta, pixel_size_nm=pixel_size, acquired_at=acquired, origin=str(f.path))
+
+    def _poll_single(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
+        if f.done:
+            return False
+        if not f.data.settled(now, self.settle_s):
+            return True
+        n = 0
+        try:
+            n = count_sections(f.path, permissive=self.permissive)
+            ids = [self._frame_id(f, k if n > 1 else None) for k in range(n)]
+            mdoc = self._read_mdoc(f)
+            while f.next_section < n and skip(ids[f.next_section]):
+                f.next_section += 1
+            if f.next_section < n:
+                for frame in read_frames(f.path, permissive=self.permissive, start=f.next_section):
+                    k = f.next_section
+                    f.next_section += 1
+                    if not skip(ids[k]):
+                        yield self._finish(f, frame, ids[k], mdoc, k)
+        except ReadError as err:
+            yield self._rejected(f, err, err.section if n > 1 else None)
+        f.done = True
+        return False
+
+    def _read_mdoc(self, f: _Tracked) -> Mdoc | None:
+        if not f.has_mdoc:
+            return None
+        try:
+            return parse_mdoc(f.path.with_name(f.path.name + ".mdoc").read_text(encoding="utf-8", errors="replace"))
+        except FileNotFoundError:
+            return None  # SerialEM is between renaming the old mdoc and writing the new one
+
+    def _poll_stack(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
+        settled = f.data.settled(now, self.settle_s)
+        layout = _mrc_layout(f.path)
+        if layout is None:
+            if not settled:
+                return True  # the header is still being written
+            try:  # settled but unparseable: the strict reader says precisely what is wrong
+                count_sections(f.path, permissive=self.permissive)
+            except ReadError as err:
+                f.failed_at = f.data.signature
+                yield self._rejected(f, err, None)
+            return False
+        if layout.complete_sections < layout.nz:
+            # the header announces a section whose bytes are not all there yet (a writer that
+            # updates the header first, or a stalled copy): wait, however long it takes
+            if settled and not f.stalled:
+                f.stalled = True
+                log.warning("%s: %s announces %d section(s) but holds %d; waiting for the rest",
+                            self.name, f.path, layout.nz, layout.complete_sections)
+            return True
+        f.stalled = False
+        mdoc = None
+        if f.has_mdoc:
+            mdoc = self._read_mdoc(f)
+            if mdoc is None or mdoc.last_z is None:
+                return True
+            complete = mdoc.last_z + (1 if f.mdoc.settled(now, self.settle_s) and mdoc.complete_last_line else 0)
+            limit = min(layout.nz, complete)
+        else:
+            limit = layout.nz if settled else layout.nz - 1
+        while f.next_section < limit:
+            k = f.next_section
+            frame_id = self._frame_id(f, k)
+            if skip(frame_id):
+                f.next_section += 1
+                continue
+            sections = read_frames(f.path, permissive=self.permissive, start=k)
+            try:
+                frame = next(sections)
+            except ReadError as err:
+                f.next_section += 1
+                yield self._rejected(f, err, k)
+                continue
+            except StopIteration:
+                return True  # the file shrank under us: look again on the next tick
+            finally:
+                sections.close()  # release the file now, not when the generator is collected
+            f.next_section += 1
+            yield self._finish(f, frame, frame_id, mdoc, k)
+        return f.next_section < layout.nz or not settled or (f.has_mdoc and not f.mdoc.settled(now, self.settle_s))

@@ -1,0 +1,41 @@
+"""A small profile for runtime tests: the randomly initialised U-Net, no forest.
+
+Runtime tests check plumbing (exactly once, quarantine, resume), not accuracy, so they do not
+wait for or depend on the trained shipped profile.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from latticewatch.models.manifest import sha256_of
+from latticewatch.training.synthetic import generate_frame
+
+
+@pytest.fixture(scope="session")
+def profile_dir(random_unet_onnx, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("profile")
+    shutil.copy(random_unet_onnx, directory / "unet.onnx")
+    manifest = {
+        "name": "runtime-test",
+        "version": "0",
+        "files": {"unet.onnx": sha256_of(directory / "unet.onnx")},
+        "segmentation": {"onnx": "unet.onnx", "pixel_size_nm": 0.05},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def analyser(profile_dir):
+    from latticewatch.runtime.analyser import Analyser
+
+    return Analyser(profile_dir, threads=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_images():
+    rng = np.random.default_rng(7)
+    return [generate_frame(rng, (256, 256), 0.05).image for _ in range(8)]
