@@ -15,7 +15,7 @@ def test_defaults_are_safe():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, runtime, sources"),
+    ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, calibration, runtime, archive, sources"),
     ({"runtime": {"runner": "fast"}}, "runtime.runner: Input should be 'pipelined' or 'inline'"),
     ({"runtime": {"budget_ms": 0}}, "runtime.budget_ms: Input should be greater than 0"),
     ({"sources": {"a": {"kind": "folder", "settle": 1}}}, "sources.a.settle: unknown key; allowed here: kind, path, polling"),
@@ -24,6 +24,17 @@ def test_defaults_are_safe():
     ({"sources": {"a": {"kind": "ftp"}}}, "sources.a.kind: unknown source kind 'ftp'; allowed: folder, zmq"),
     ({"sources": {"a": {"path": "x"}}}, "sources.a.kind: missing; allowed: folder, zmq"),
     ({"sources": {"a b": {"kind": "folder"}}}, "sources.a b: source names may use letters, digits"),
+    ({"archive": {"policy": "blur"}}, "archive.policy: bad archive policy 'blur': use drop[:FILL], mean or quantize:N"),
+    ({"archive": {"policy": "quantize:20"}}, "archive.policy: bad archive policy 'quantize:20'"),
+    ({"archive": {"codec": "brotli"}}, "archive.codec: unknown archive codec 'brotli': use one of auto"),
+    ({"archive": {"margin_nm": -1}}, "archive.margin_nm: Input should be greater than or equal to 0"),
+    ({"archive": {"max_bytes": 0}}, "archive.max_bytes: Input should be greater than 0"),
+    ({"archive": {"max_age_s": "1h"}}, "archive.max_age_s: Input should be a valid number"),
+    ({"archive": {"min_free_bytes": -1}}, "archive.min_free_bytes: Input should be greater than or equal to 0"),
+    ({"archive": {"enabled": "maybe"}}, "archive.enabled: Input should be a valid boolean"),
+    ({"archive": {"reduce": "no way"}}, "archive.reduce: Input should be a valid boolean"),
+    ({"archive": {"polcy": "mean"}}, "archive.polcy: unknown key; allowed here: enabled, root, policy, margin_nm"),
+    ({"calibration": "no/such/file.toml"}, "calibration: no/such/file.toml: calibration file not found"),
 ])
 def test_errors_name_the_key_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError) as err:
@@ -36,6 +47,14 @@ def test_file_paths_are_relative_to_the_file_and_check_config(tmp_path, capsys):
     cfg.write_text('data_dir = "data"\n[sources.cam]\nkind = "folder"\npath = "in"\npolling = true\n')
     config = load_config(cfg)
     assert config.state_dir == tmp_path / "data" / "state" and config.sources["cam"].path == tmp_path / "in"
+    assert config.archive.enabled and config.archive_root == tmp_path / "data" / "archive"
+    cal = tmp_path / "cal" / "scope.toml"
+    cal.parent.mkdir()
+    cal.write_text('instrument = "X"\ncamera = "Y"\nsource = "test"\n[[steps]]\nmagnification = 1e6\npixel_size_nm = 0.02\n')
+    cfg.write_text('calibration = "cal/scope.toml"\n[archive]\nroot = "arc"\npolicy = "quantize:4"\n')
+    config = load_config(cfg)
+    assert (config.calibration, config.archive_root, config.archive.policy) == (cal, tmp_path / "arc", "quantize:4")
+    cfg.write_text('data_dir = "data"\n[sources.cam]\nkind = "folder"\npath = "in"\npolling = true\n')
     assert main(["check-config", str(cfg)]) == 0
     cfg.write_text('[runtime]\nqueue_size = "big"\n')
     assert main(["check-config", str(cfg)]) == 2

@@ -53,7 +53,12 @@ def cmd_process(args: argparse.Namespace) -> int:
     except (ManifestError, CalibrationError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    archive = _archive_writer(args, analyser) if args.archive else None
+    archive = None
+    if args.archive:
+        from latticewatch.sinks.archive_sink import open_session_writer
+
+        archive = open_session_writer(args.archive, "process", analyser.manifest.archive, policy=args.archive_policy,
+                                      margin_nm=args.archive_margin_nm, reduce=not args.lossless)
     rows: list[dict] = []
     failures: list[dict] = []
     for path in tqdm(args.files, desc="files", unit="file", disable=not _progress_enabled() or len(args.files) < 2):
@@ -79,19 +84,6 @@ def cmd_process(args: argparse.Namespace) -> int:
         _print_table(rows)
         print(f"{len(rows)} frame(s) analysed, {len(failures)} failed; results in {args.out}")
     return EXIT_SOME_FAILED if failures else EXIT_OK
-
-
-def _archive_writer(args: argparse.Namespace, analyser):
-    from datetime import datetime, timezone
-
-    from latticewatch.sinks.archive import ArchiveWriter, UncertaintyRule
-
-    rules = analyser.manifest.archive
-    session = "process-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return ArchiveWriter(
-        args.archive, session, args.archive_policy, args.archive_margin_nm, reduce=not args.lossless,
-        low_value_class=rules.low_value_class, uncertainty=UncertaintyRule(min_mean_confidence=rules.min_mean_confidence),
-    )
 
 
 def _archive_frame(archive, frame, analysis, failures: list[dict]) -> None:

@@ -7,6 +7,7 @@ Example (every key with its default)::
 
     profile = "nanoparticles"          # installed profile name, or a profile directory
     data_dir = "./latticewatch-data"   # state (ledger, events, spool, quarantine) goes in <data_dir>/state
+    calibration = "calibration/scope.toml"  # optional: magnification → pixel size for frames without one
 
     [runtime]
     runner = "pipelined"               # or "inline" (one thread; sources one after another)
@@ -14,6 +15,18 @@ Example (every key with its default)::
     queue_size = 4                     # frames between pipeline phases
     max_batch = 4                      # frames segmented together when behind
     threads = 0                        # inference threads; 0 = all cores
+
+    [archive]
+    enabled = true
+    root = "./latticewatch-data/archive"  # default: <data_dir>/archive
+    policy = "drop"                    # low-value pixels: drop[:FILL], mean or quantize:N
+    margin_nm = 0.5                    # kept exactly around the high-value class
+    reduce = true                      # false: every frame whole and lossless
+    codec = "auto"                     # lossless compression of the stored arrays
+    max_bytes = 2147483648             # rotate pending segments into a volume past this size ...
+    max_age_s = 3600                   # ... or age
+    min_free_bytes = 67108864          # stop archiving before the disk is full
+    retry_max_s = 60                   # longest wait between attempts while the archive is unavailable
 
     [sources.incoming]                 # one table per source; the table name names the source
     kind = "folder"
@@ -107,17 +120,52 @@ class RuntimeConfig(_Strict):
     threads: int = Field(0, ge=0)
 
 
+class ArchiveConfig(_Strict):
+    """``[archive]``; which class is low-value and when a frame is uncertain come from the profile."""
+
+    enabled: bool = True
+    root: Path | None = None  # None: <data_dir>/archive
+    policy: str = "drop"
+    margin_nm: float = Field(0.5, ge=0, le=1000)
+    reduce: bool = True
+    codec: str = "auto"
+    max_bytes: int = Field(2 * 2**30, gt=0)
+    max_age_s: float = Field(3600.0, gt=0)
+    min_free_bytes: int = Field(64 * 2**20, ge=0)
+    retry_max_s: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        from latticewatch.sinks.rle import Policy
+
+        return str(Policy.parse(value))  # its ValueError says what is allowed
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        from latticewatch.sinks.archive import Codec
+
+        return str(Codec.parse(value))
+
+
 class Config(_Strict):
     """The whole configuration; `load_config` builds it from a file."""
 
     profile: str = "nanoparticles"
     data_dir: Path = Path("./latticewatch-data")
+    calibration: Path | None = None
     runtime: RuntimeConfig = RuntimeConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     sources: dict[str, SourceConfig] = Field(default_factory=lambda: {"incoming": FolderSourceConfig(kind="folder")})
 
     @property
     def state_dir(self) -> Path:
         return self.data_dir / "state"
+
+    @property
+    def archive_root(self) -> Path:
+        return self.archive.root if self.archive.root is not None else self.data_dir / "archive"
 
 
 def _source(name: str, table: Any, plugin_kinds: set[str]) -> tuple[SourceConfig | None, list[str]]:
@@ -201,7 +249,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, plugin_kinds
         raise ConfigError("\n".join(problems))
     if sources:
         config = config.model_copy(update={"sources": sources})
-    return _resolve_paths(config, base) if base is not None else config
+    config = _resolve_paths(config, base) if base is not None else config
+    if config.calibration is not None:
+        from latticewatch.calibration import CalibrationError, load_calibration
+
+        try:
+            load_calibration(config.calibration)
+        except CalibrationError as err:
+            raise ConfigError(f"calibration: {err}") from None
+    return config
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -212,7 +268,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     profile = config.profile
     if ("/" in profile or profile.startswith(".")) and not Path(profile).is_absolute():
         profile = str(base / profile)
-    return config.model_copy(update={"data_dir": base / config.data_dir, "sources": sources, "profile": profile})
+    update: dict[str, Any] = {"data_dir": base / config.data_dir, "sources": sources, "profile": profile}
+    if config.calibration is not None:
+        update["calibration"] = base / config.calibration
+    if config.archive.root is not None:
+        update["archive"] = config.archive.model_copy(update={"root": base / config.archive.root})
+    return config.model_copy(update=update)
 
 
 def load_config(path: str | Path | None) -> Config:

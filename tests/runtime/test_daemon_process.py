@@ -13,6 +13,7 @@ import threading
 import time
 
 
+from latticewatch.sinks.archive import ArchiveReader
 from latticewatch.sources.replay import SerialEMStack
 
 N_SECTIONS = 24
@@ -62,6 +63,10 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_p
     def analysed():
         return {e["frame_id"] for e in frame_events(events_path) if e["type"] == "frame"}
 
+    def unarchived():
+        with sqlite3.connect(tmp_path / "data" / "state" / "ledger.sqlite") as db:
+            return db.execute("SELECT frame_id FROM frames WHERE state = 'published'").fetchall()
+
     daemon = start(config, log_path)
     try:
         threading.Thread(target=serialem, daemon=True).start()
@@ -78,6 +83,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_p
         written.wait(30)
         daemon = start(config, log_path)
         wait_until(lambda: len(analysed()) == N_SECTIONS, 90, "all sections")
+        wait_until(lambda: not unarchived(), 60, "the archive to catch up")
         time.sleep(1.0)  # anything extra would show up now
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, log_path.read_text()[-3000:]
@@ -94,8 +100,11 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_p
     assert [e["frame_id"] for e in errors] == ["scope:broken.mrc"] and "MRC" in errors[0]["problem"]
     db = sqlite3.connect(tmp_path / "data" / "state" / "ledger.sqlite")
     rows = db.execute("SELECT frame_id, state, analyses FROM frames").fetchall()
-    assert {state for _, state, _ in rows} == {"published", "quarantined"}
-    assert all(n == 1 for fid, state, n in rows if state == "published")
+    assert {state for _, state, _ in rows} == {"archived", "quarantined"}
+    assert all(n == 1 for fid, state, n in rows if state == "archived")
+    # every section is in the archive (the sessions of the three starts), frames killed in flight included
+    archived = {e.frame_id for e in ArchiveReader(tmp_path / "data" / "archive").entries()}
+    assert archived == {f"scope:grid1.mrc#{k}" for k in range(N_SECTIONS)}
     assert (incoming / "broken.mrc").exists()  # bad files stay where they are
 
 

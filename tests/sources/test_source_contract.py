@@ -1,7 +1,8 @@
-"""The base set every source must pass, run against the folder, ZeroMQ and memory sources.
+"""The base set every source must pass, run against the folder, ZeroMQ, memory and DECTRIS sources.
 
 Each harness delivers real input the way that source receives it: a SerialEM stack + mdoc
-written section by section, a PUSH socket on a random 127.0.0.1 port, or the memory queue.
+written section by section, a PUSH socket on a random 127.0.0.1 port, the memory queue, or the
+DECTRIS plugin's simulated detector (stream v1).
 """
 
 import time
@@ -88,7 +89,36 @@ class MemoryHarness:
         self.memory.close()
 
 
-@pytest.fixture(params=[FolderHarness, ZmqHarness, MemoryHarness], ids=["folder", "zmq", "memory"])
+class DectrisHarness:
+    """The DECTRIS plugin, built through its public factory, fed by its simulated detector."""
+
+    def __init__(self, tmp_path, address):
+        from latticewatch_dectris.simulator import DectrisSimulator
+
+        self.sim, self.sent = DectrisSimulator("v1"), 0
+
+    def source(self):
+        from latticewatch_dectris import make_source
+
+        return make_source({"name": "cam", "endpoint": self.sim.endpoint, "pixel_size_nm": PIXEL_NM})
+
+    def deliver(self, image):
+        if self.sent == 0:
+            self.sim.start_series(1, image.shape, image.dtype, nimages=100)
+        self.sim.send_image(1, self.sent, image)
+        self.sent += 1
+
+    def deliver_malformed(self):
+        self.sim.send([b"{not json"])
+
+    def frame_id(self, n):
+        return f"cam:1:{n}"
+
+    def close(self):
+        self.sim.close()
+
+
+@pytest.fixture(params=[FolderHarness, ZmqHarness, MemoryHarness, DectrisHarness], ids=["folder", "zmq", "memory", "dectris"])
 def harness(request, tmp_path, tcp_address):
     h = request.param(tmp_path, tcp_address)
     yield h

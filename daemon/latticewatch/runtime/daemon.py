@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 from collections.abc import Sequence
 
+from latticewatch.calibration import apply_calibration, load_calibration
 from latticewatch.config import Config, FolderSourceConfig, PluginSourceConfig, ZmqSourceConfig
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.runtime.runners import InlineRunner, PipelinedRunner, Pipeline, RunStats
 from latticewatch.runtime.store import StateDir
+from latticewatch.sinks.archive_sink import open_session_writer
 from latticewatch.sinks.events import Sink
 from latticewatch.sources.base import Source, discover_sources
 
@@ -53,9 +56,19 @@ def build_sources(config: Config) -> list[Source]:
 
 
 def build_pipeline(config: Config, *, sinks: Sequence[Sink] = ()) -> Pipeline:
-    """Load the profile and open the state directory."""
+    """Load the profile and the calibration, open the state directory and the archive session."""
     analyser = Analyser(config.profile, threads=config.runtime.threads or None)
-    return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms)
+    calibrate = None
+    if config.calibration is not None:
+        calibrate = functools.partial(apply_calibration, calibration=load_calibration(config.calibration), name=config.calibration.name)
+    archive = None
+    if config.archive.enabled:
+        a = config.archive
+        archive = open_session_writer(config.archive_root, "run", analyser.manifest.archive, policy=a.policy, margin_nm=a.margin_nm,
+                                      reduce=a.reduce, codec=a.codec, max_bytes=a.max_bytes, max_age_s=a.max_age_s,
+                                      min_free_bytes=a.min_free_bytes, retry_max_s=a.retry_max_s)
+    return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms, archive=archive,
+                    archive_queue=config.runtime.queue_size, calibrate=calibrate)
 
 
 def run_daemon(config: Config, stop: threading.Event, *, sinks: Sequence[Sink] = ()) -> RunStats:
@@ -64,8 +77,9 @@ def run_daemon(config: Config, stop: threading.Event, *, sinks: Sequence[Sink] =
     pipeline = build_pipeline(config, sinks=sinks)
     rt = config.runtime
     runner = InlineRunner(pipeline) if rt.runner == "inline" else PipelinedRunner(pipeline, queue_size=rt.queue_size, max_batch=rt.max_batch)
-    log.info("latticewatch daemon: profile %s, %d source(s) [%s], events in %s", config.profile, len(sources),
-             ", ".join(s.name for s in sources), pipeline.state.events_path)
+    log.info("latticewatch daemon: profile %s, %d source(s) [%s], events in %s, archive %s", config.profile, len(sources),
+             ", ".join(s.name for s in sources), pipeline.state.events_path,
+             pipeline.archive.writer.session_dir if pipeline.archive else "off")
     try:
         return runner.run(sources, stop)
     finally:

@@ -9,8 +9,14 @@ States::
 * ``analysed``: the analysis is done and its events are stored in the row, not yet in the log.
 * ``published``: the events are in the event log; ``events_end`` (the log's committed length)
   moves forward in the same transaction.
-* ``archived``: an archive sink confirmed it wrote the frame.
-* ``quarantined``: it cannot be analysed; ``reason`` says why.
+* ``archived``: the archive writer returned its receipt (the frame's file is renamed into place
+  and fsynced).
+* ``quarantined``: it cannot be analysed; ``reason`` says why. A quarantined frame that still has
+  pixels is archived whole; ``archived_at`` records it and the state stays ``quarantined``.
+
+``archivable`` marks frames the archive must hold (set when the daemon archives). Those with
+``archivable = 1`` and no ``archived_at`` are the archive backlog: published while the archive was
+unavailable or its queue full, or when the process stopped — `unarchived` lists them.
 
 Restart rules (what makes "exactly once" hold after a crash or SIGKILL): a frame in any state but
 ``seen`` is never analysed again (sources are told to skip it); a ``seen`` frame is analysed
@@ -50,7 +56,8 @@ CREATE TABLE IF NOT EXISTS frames (
     analysed_at REAL,
     published_at REAL,
     archived_at REAL,
-    analyses INTEGER NOT NULL DEFAULT 0
+    analyses INTEGER NOT NULL DEFAULT 0,
+    archivable INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS frames_state ON frames(state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -80,6 +87,9 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+        if "archivable" not in columns:  # a ledger written before the daemon archived
+            self._db.execute("ALTER TABLE frames ADD COLUMN archivable INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -129,6 +139,12 @@ class Ledger:
         """``(frame_id, events)`` of frames whose events are stored but not yet in the log."""
         return self._query("SELECT frame_id, events FROM frames WHERE events IS NOT NULL AND published_at IS NULL ORDER BY seq")
 
+    def unarchived(self, limit: int = -1) -> list[tuple[str, str]]:
+        """``(frame_id, source)`` of the archive backlog, oldest first, at most ``limit`` (-1: all)."""
+        return self._query(
+            "SELECT frame_id, source FROM frames WHERE archivable = 1 AND archived_at IS NULL "
+            "AND state IN ('published', 'quarantined') ORDER BY seq LIMIT ?", limit)
+
     def events_end(self) -> int:
         """Length in bytes of the event log up to the last committed publication."""
         return self._query("SELECT value FROM meta WHERE key = 'events_end'")[0][0]
@@ -151,20 +167,26 @@ class Ledger:
                 db.execute("UPDATE frames SET spool = ? WHERE frame_id = ?", (spool, frame_id))
             return True
 
-    def analysed(self, frame_id: str, events: str) -> None:
+    def analysed(self, frame_id: str, events: str, *, archivable: bool = False) -> None:
         """The analysis is done; ``events`` (JSON lines) will be published from here."""
-        self._advance(frame_id, "analysed", "seen", events=events, analysed_at=time.time(), analyses_inc=True)
+        self._advance(frame_id, "analysed", "seen", events=events, analysed_at=time.time(), archivable=int(archivable),
+                      analyses_inc=True)
 
-    def quarantined(self, frame_id: str, reason: str, events: str, *, source: str = "", origin: str = "") -> None:
-        """The frame cannot be analysed; record why (creates the row for input never seen as a frame)."""
+    def quarantined(self, frame_id: str, reason: str, events: str, *, source: str = "", origin: str = "",
+                    archivable: bool = False) -> None:
+        """The frame cannot be analysed; record why (creates the row for input never seen as a frame).
+
+        ``archivable``: the frame has pixels the archive should keep (whole and lossless).
+        """
         with self._transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO frames(frame_id, source, origin, state, seen_at) VALUES (?, ?, ?, 'seen', ?)",
                 (frame_id, source, origin, time.time()),
             )
             db.execute(
-                "UPDATE frames SET state = 'quarantined', reason = ?, events = ?, spool = NULL WHERE frame_id = ? AND state = 'seen'",
-                (reason, events, frame_id),
+                "UPDATE frames SET state = 'quarantined', reason = ?, events = ?, spool = NULL, archivable = ? "
+                "WHERE frame_id = ? AND state = 'seen'",
+                (reason, events, int(archivable), frame_id),
             )
 
     def published(self, frame_id: str, events_end: int) -> None:
@@ -177,8 +199,30 @@ class Ledger:
             )
             db.execute("UPDATE meta SET value = ? WHERE key = 'events_end'", (events_end,))
 
-    def archived(self, frame_id: str) -> None:
-        self._advance(frame_id, "archived", "published", archived_at=time.time())
+    def events_appended(self, events_end: int) -> None:
+        """Events not belonging to one frame's analysis (notices) are in the log, now this long."""
+        with self._transaction() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'events_end'", (events_end,))
+
+    def archived(self, frame_id: str) -> bool:
+        """The archive writer's receipt came back; False when the frame was archived already.
+
+        A published frame moves to ``archived``; a quarantined one keeps its state (and reason).
+        """
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE frames SET archived_at = ?, state = CASE state WHEN 'published' THEN 'archived' ELSE state END "
+                "WHERE frame_id = ? AND state IN ('published', 'quarantined') AND archived_at IS NULL",
+                (time.time(), frame_id),
+            ).rowcount
+        if not changed and self.state(frame_id) not in ("archived", "quarantined"):
+            raise LedgerError(f"{frame_id}: cannot be archived before it is published; it is {self.state(frame_id)!r}")
+        return bool(changed)
+
+    def unarchivable(self, frame_id: str) -> None:
+        """Take a frame out of the archive backlog: its pixels are gone (file deleted, spool lost)."""
+        with self._transaction() as db:
+            db.execute("UPDATE frames SET archivable = 0 WHERE frame_id = ?", (frame_id,))
 
     def _advance(self, frame_id: str, new: str, expected: str, *, analyses_inc: bool = False, **columns) -> None:
         sets = ", ".join(f"{name} = ?" for name in columns)

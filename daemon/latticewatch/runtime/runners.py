@@ -27,6 +27,9 @@ When behind, the pipelined runner degrades in this order — it never drops a fr
 
 A bad frame sinks alone: an analyser error quarantines that frame with its reason and an error
 event. Only the ledger, event log or state directory failing stops the runner (it re-raises).
+
+The archive (optional) is fed after publication and runs on its own thread
+(`latticewatch.sinks.archive_sink`); the archive being slow or unavailable never stops a phase.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from latticewatch.frame import Analysis, Frame, Rejected
 from latticewatch.runtime.analyser import Analyser, FrameError, Prepared
 from latticewatch.runtime.ledger import Ledger
 from latticewatch.runtime.store import StateDir
+from latticewatch.sinks.archive import ArchiveWriter
+from latticewatch.sinks.archive_sink import ArchiveSink
 from latticewatch.sinks.events import EventLog, Sink, error_event, frame_events, render
 from latticewatch.sources.base import Source, StopFlag
 
@@ -66,6 +71,7 @@ class RunStats:
     batched_frames: int = 0
     largest_batch: int = 0
     sink_errors: int = 0
+    archive: dict[str, int] = field(default_factory=dict)  # the archive sink's counters and its backlog
     phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over frames
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -114,6 +120,13 @@ class Pipeline:
         Extra consumers of finished analyses.
     budget_ms
         Per-frame processing budget; ``None`` counts no overruns.
+    archive
+        Writer of the archive session; every published frame (and every quarantined frame with
+        pixels) goes to it through an `ArchiveSink`. Stream frames then stay spooled until archived.
+    archive_queue
+        Frames waiting for the archive writer.
+    calibrate
+        Gives frames without a pixel size one (`latticewatch.calibration.apply_calibration`).
 
     Examples
     --------
@@ -122,7 +135,9 @@ class Pipeline:
     1
     """
 
-    def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (), budget_ms: float | None = None) -> None:
+    def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (), budget_ms: float | None = None,
+                 archive: ArchiveWriter | None = None, archive_queue: int = 4,
+                 calibrate: Callable[[Frame], Frame] | None = None) -> None:
         self.analyser = analyser
         self.state = state
         self.ledger = Ledger(state.ledger_path)
@@ -130,12 +145,23 @@ class Pipeline:
         self.sinks = tuple(sinks)
         self.budget_ms = budget_ms
         self.stats = RunStats()
+        self.calibrate = calibrate
+        self._without_pixel_size: set[str] = set()  # sources already reported
+        self._said_lock = threading.Lock()
+        self.archive = None if archive is None else ArchiveSink(
+            archive, self.ledger, self.events, state, queue_size=archive_queue, calibrate=self._calibrated)
 
     def close(self) -> None:
+        """Archive what is queued for it (the rest stays in the backlog), then close the ledger."""
+        if self.archive is not None:
+            self.archive.close()
+            self.stats.archive = {**self.archive.counters, "backlog": self.archive.backlog()}
         self.ledger.close()
 
-    def recover(self) -> list[str]:
-        """Finish what a previous run left: publish stored events; return spooled frames' keys."""
+    def recover(self, sources: Sequence[Source] = ()) -> list[str]:
+        """Finish what a previous run left: publish stored events, start archiving the backlog; return spooled frames' keys."""
+        if self.archive is not None:
+            self.archive.start({s.name: s for s in sources})
         republished = self.events.recover()
         if republished:
             log.info("published the stored events of %d frame(s) from the previous run", republished)
@@ -153,11 +179,30 @@ class Pipeline:
             return None
         return Job(frame, frame.frame_id.partition(":")[0], key)
 
+    def _calibrated(self, frame: Frame, source: str | None = None) -> Frame:
+        """The frame with a pixel size from the calibration when its data has none; say once per source when still none."""
+        if self.calibrate is not None:
+            frame = self.calibrate(frame)
+        if frame.pixel_size_nm is not None or source is None:
+            return frame
+        with self._said_lock:
+            if source in self._without_pixel_size:
+                return frame
+            self._without_pixel_size.add(source)
+        how = "the calibration has no entry for its magnification, or none is recorded" if self.calibrate is not None else "no calibration is configured"
+        problem = (f"source {source}: frames arrive without a pixel size (not in the data; {how}); "
+                   "they are not resampled and sizes are reported in pixels")
+        log.warning("%s (said once per source)", problem)
+        self.events.notify(render([error_event(frame.frame_id, frame.origin, problem, event_type="warning",
+                                               id_suffix="pixel-size", source=source)]))
+        return frame
+
     def admit(self, source: Source, item: Frame | Rejected) -> Job | None:
         """Record an arrival in the ledger; a job when the frame still needs analysing."""
         if isinstance(item, Rejected):
             self.reject(source.name, item)
             return None
+        item = self._calibrated(item, source.name)
         spool = None if source.replayable else self.state.spool(item)
         if not self.ledger.see(item.frame_id, source=source.name, origin=item.origin, spool=spool):
             if spool is not None:
@@ -173,17 +218,20 @@ class Pipeline:
         self.state.quarantine(rejected.frame_id, rejected.origin, rejected.problem, payload=rejected.payload)
         self._quarantine(rejected.frame_id, source, rejected.origin, rejected.problem)
 
-    def _quarantine(self, frame_id: str, source: str, origin: str, problem: str) -> None:
+    def _quarantine(self, frame_id: str, source: str, origin: str, problem: str, *, has_pixels: bool = False) -> None:
         text = render([error_event(frame_id, origin, problem)])
-        self.ledger.quarantined(frame_id, problem, text, source=source, origin=origin)
+        archivable = has_pixels and self.archive is not None
+        self.ledger.quarantined(frame_id, problem, text, source=source, origin=origin, archivable=archivable)
         self.events.publish(frame_id, text)
         self.stats.add(quarantined=1)
 
     def fail(self, job: Job, problem: str) -> None:
-        """The analyser refused the frame: quarantine it (its pixels, for a spooled frame)."""
+        """The analyser refused the frame: quarantine it (its pixels, for a spooled frame) and archive it whole."""
         log.error("%s", problem)
         self.state.quarantine(job.frame.frame_id, job.frame.origin, problem, spool_key=job.spool)
-        self._quarantine(job.frame.frame_id, job.source, job.frame.origin, problem)
+        self._quarantine(job.frame.frame_id, job.source, job.frame.origin, problem, has_pixels=True)
+        if self.archive is not None:
+            self.archive.offer(job.frame, None)
 
     def _timed(self, job: Job, phase: str, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -241,9 +289,11 @@ class Pipeline:
             "overrun": overrun,
         }
         text = render(events)
-        self.ledger.analysed(job.frame.frame_id, text)
+        self.ledger.analysed(job.frame.frame_id, text, archivable=self.archive is not None)
         self._timed(job, "publish", lambda: self.events.publish(job.frame.frame_id, text))
-        if job.spool is not None:
+        if self.archive is not None:
+            self.archive.offer(job.frame, analysis)  # it unspools a stream frame once archived
+        elif job.spool is not None:
             self.state.unspool(job.spool)
         self.stats.add(analysed=1, overruns=int(overrun))
         for sink in self.sinks:
@@ -269,6 +319,8 @@ class Pipeline:
     def snapshot_sources(self, sources: Sequence[Source]) -> None:
         with self.stats._lock:
             self.stats.sources = {s.name: dict(s.counters) for s in sources}
+            if self.archive is not None:
+                self.stats.archive = dict(self.archive.counters)
 
 
 class InlineRunner:
@@ -284,7 +336,7 @@ class InlineRunner:
 
     def run(self, sources: Sequence[Source], stop: StopFlag) -> RunStats:
         p = self.pipeline
-        for key in p.recover():
+        for key in p.recover(sources):
             job = p.resume(key)
             if job is not None:
                 p.stats.add(resumed=1)
@@ -349,7 +401,7 @@ class PipelinedRunner:
 
     def run(self, sources: Sequence[Source], stop: StopFlag) -> RunStats:
         p = self.pipeline
-        resumed = p.recover()
+        resumed = p.recover(sources)
         self._deferred.extend(resumed)
         p.stats.add(resumed=len(resumed))
         self._halt = _AnyOf(stop, self._fatal)

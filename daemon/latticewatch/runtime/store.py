@@ -102,8 +102,22 @@ class StateDir:
         acquired = datetime.fromisoformat(record["acquired_at"]) if record["acquired_at"] else None
         return Frame(record["frame_id"], pixels, record["pixel_size_nm"], acquired, record["meta"], record["origin"])
 
+    def load_kept(self, frame_id: str) -> Frame | None:
+        """A frame's pixels as kept here: spooled (with its metadata) or quarantined; None if neither.
+
+        Quarantine keeps pixels only, so such a frame comes back without pixel size or metadata.
+        """
+        key = entry_key(frame_id)
+        if (self.spool_dir / f"{key}.json").exists():
+            return self.load_spooled(key)
+        pixels_path = self.quarantine_dir / f"{key}.npy"
+        if not pixels_path.exists():
+            return None
+        reason = json.loads((self.quarantine_dir / f"{key}.json").read_text())
+        return Frame(frame_id, np.load(pixels_path, allow_pickle=False), None, origin=reason["origin"])
+
     def unspool(self, key: str) -> None:
-        """Forget a spooled frame once its events are published."""
+        """Forget a spooled frame once it is no longer needed (published, and archived when archiving)."""
         for suffix in (".json", ".npy"):
             (self.spool_dir / f"{key}{suffix}").unlink(missing_ok=True)
 

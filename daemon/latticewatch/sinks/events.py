@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,15 +67,23 @@ def frame_events(frame: Frame, analysis: Analysis) -> list[dict[str, Any]]:
     return [head, *particles]
 
 
-def error_event(frame_id: str, origin: str, problem: str) -> dict[str, Any]:
-    """The ``error`` event of input that cannot be analysed.
+def error_event(frame_id: str, origin: str, problem: str, *, event_type: str = "error", id_suffix: str = "error",
+                **details: Any) -> dict[str, Any]:
+    """The ``error`` event of input that cannot be analysed, or another notice about a frame.
+
+    ``id_suffix`` keeps notices about the same frame distinct (``archive-error`` when the archive
+    became unavailable while writing it; ``pixel-size`` for the ``warning`` that a source's frames
+    have no pixel size).
 
     Examples
     --------
     >>> error_event("cam:malformed:ab12", "pull tcp://127.0.0.1:5555", "header is not JSON")["event_id"]
     'cam:malformed:ab12/error'
+    >>> error_event("cam:s#3", "", "disk full", id_suffix="archive-error")["event_id"]
+    'cam:s#3/archive-error'
     """
-    return {"event_id": f"{frame_id}/error", "type": "error", "at": _now(), "frame_id": frame_id, "origin": origin, "problem": problem}
+    return {"event_id": f"{frame_id}/{id_suffix}", "type": event_type, "at": _now(), "frame_id": frame_id, "origin": origin,
+            "problem": problem, **details}
 
 
 def render(events: list[dict[str, Any]]) -> str:
@@ -103,6 +112,9 @@ class EventLog:
         self.ledger = ledger
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
+        # Appends and the ledger's record of the log's length must happen in the same order, or
+        # a later, shorter length could be committed after a longer one and cut events on restart.
+        self._lock = threading.Lock()
 
     def recover(self) -> int:
         """Cut the log back to its committed length and publish what was stored but not logged.
@@ -126,10 +138,21 @@ class EventLog:
 
     def publish(self, frame_id: str, text: str) -> None:
         """Append one frame's events, fsync, and record the new length in the ledger."""
-        data = text.encode()
+        with self._lock:
+            self.ledger.published(frame_id, self._append(text))
+
+    def notify(self, text: str) -> None:
+        """Append events that are not a frame's analysis (archive trouble, warnings); no frame changes state.
+
+        A crash before the ledger records the new length cuts them on restart: they are notices
+        about the running process, not results.
+        """
+        with self._lock:
+            self.ledger.events_appended(self._append(text))
+
+    def _append(self, text: str) -> int:
         with open(self.path, "ab") as fh:
-            fh.write(data)
+            fh.write(text.encode())
             fh.flush()
             os.fsync(fh.fileno())
-            end = fh.tell()
-        self.ledger.published(frame_id, end)
+            return fh.tell()

@@ -281,6 +281,38 @@ class FolderSource:
             observer.stop()
             observer.join(timeout=5)
 
+    def reread(self, frame_id: str) -> Frame | None:
+        """Read one frame this source yielded before again, exactly as it was (mdoc keys included).
+
+        For the archive backlog: frames published while the archive was unavailable. Safe to call
+        from another thread while `frames` runs (it shares no tracking state). ``None`` when the id
+        is not this source's or its file holds no such section any more.
+
+        Raises
+        ------
+        FileNotFoundError
+            The file is gone.
+        ReadError
+            It no longer reads as a frame.
+        """
+        rest = frame_id.removeprefix(f"{self.name}:")
+        if rest == frame_id:
+            return None
+        rel, _, section = rest.rpartition("#")
+        if not rel or not section.isdigit() or (self.root / rest).is_file():
+            rel, section = rest, ""  # a single image (whose name may contain '#')
+        path = self.root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no longer there")
+        f = _Tracked(path, rel, path.suffix.lower() in MRC_SUFFIXES, has_mdoc=path.with_name(path.name + ".mdoc").exists())
+        k = int(section or 0)
+        sections = read_frames(path, permissive=self.permissive, start=k)
+        try:
+            frame = next(sections, None)
+        finally:
+            sections.close()
+        return None if frame is None else self._finish(f, frame, frame_id, self._read_mdoc(f), k)
+
     def _poll(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
         """Yield what is complete in one file; return True while the file needs watching."""
         if not f.data.observe(f.path, now):
@@ -312,7 +344,6 @@ class FolderSource:
         return Rejected(self._frame_id(f, section), str(f.path), err.problem)
 
     def _finish(self, f: _Tracked, frame: Frame, frame_id: str, mdoc: Mdoc | None, section: int) -> Frame:
-        self.counters["frames"] += 1
         meta = dict(frame.meta)
         pixel_size, acquired = frame.pixel_size_nm, frame.acquired_at
         if mdoc is not None and section in mdoc.sections:
@@ -339,6 +370,7 @@ class FolderSource:
                     k = f.next_section
                     f.next_section += 1
                     if not skip(ids[k]):
+                        self.counters["frames"] += 1
                         yield self._finish(f, frame, ids[k], mdoc, k)
         except ReadError as err:
             yield self._rejected(f, err, err.section if n > 1 else None)
@@ -401,5 +433,6 @@ class FolderSource:
             finally:
                 sections.close()  # release the file now, not when the generator is collected
             f.next_section += 1
+            self.counters["frames"] += 1
             yield self._finish(f, frame, frame_id, mdoc, k)
         return f.next_section < layout.nz or not settled or (f.has_mdoc and not f.mdoc.settled(now, self.settle_s))
