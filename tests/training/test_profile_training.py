@@ -36,7 +36,7 @@ def test_train_command_writes_a_profile_the_analyser_loads(tmp_path, capsys):
     assert manifest.name == "tiny" and manifest.segmentation.pixel_size_nm == 0.05
     assert set(manifest.files) == {"unet.onnx", "unet.safetensors", "forest.skops"}
     seg = manifest.training["segmentation"]
-    assert "train --out" in seg.command and seg.metrics["onnx_max_abs_diff"] <= 1e-4
+    assert "train --out" in seg.command and seg.metrics["onnx_parity"]["max_abs_diff"] <= 1e-4
     assert 0 <= manifest.training["classifier"].metrics["balanced_accuracy"] <= 1
     assert "Dice" in capsys.readouterr().out
     analyser = Analyser(out)

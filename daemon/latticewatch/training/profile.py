@@ -23,8 +23,25 @@ from latticewatch.training.train_unet import UNetTrainingConfig, dice_score, pre
 
 log = logging.getLogger("latticewatch.training.profile")
 
-#: Largest ONNX-vs-torch probability difference accepted when a model is exported.
-PARITY_TOLERANCE = 1e-4
+#: Largest ONNX-vs-reference probability difference accepted when a trained model is exported.
+#: Random-weight networks agree to < 1e-4 (tested); trained ones reach ~2e-4 at a few uncertain
+#: pixels (p ≈ 0.4–0.5) because the max-normalised input is far from zero-mean and batch norm
+#: cancels that offset, which amplifies float32 summation-order differences between ONNX Runtime's
+#: and torch's convolutions (torch float32 itself sits 6e-5 from the float64 reference).
+PARITY_TOLERANCE = 5e-4
+
+
+def onnx_parity(net, onnx_path: Path, images: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """ONNX Runtime against the float64 torch reference on ``images``: worst and 99.99th-percentile
+    absolute probability difference, and the fraction of pixels whose decision flips."""
+    backend = OnnxRuntimeBackend(onnx_path)
+    diffs, flips = [], 0
+    for image in images:
+        ours, reference = backend.predict(image[None, None])[0, 0], torch_probability(net, image)
+        diffs.append(np.abs(ours - reference).ravel())
+        flips += int(np.count_nonzero((ours >= threshold) != (reference >= threshold)))
+    diff = np.concatenate(diffs)
+    return {"max_abs_diff": float(diff.max()), "p99_99_abs_diff": float(np.percentile(diff, 99.99)), "decision_flip_fraction": flips / diff.size}
 
 
 def build_synthetic_profile(
@@ -51,10 +68,9 @@ def build_synthetic_profile(
     save_file(result.net.state_dict(), str(out_dir / "unet.safetensors"), metadata={"widths": json.dumps(list(config.widths))})
     (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     export_onnx(result.net, out_dir / "unet.onnx")
-    parity = float(np.abs(OnnxRuntimeBackend(out_dir / "unet.onnx").predict(val[0][:1, None])[0, 0] - torch_probability(result.net, val[0][0])).max())
-    if parity > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from torch by {parity:.2e} (> {PARITY_TOLERANCE})")
-    seg_metrics["onnx_max_abs_diff"] = parity
+    seg_metrics["onnx_parity"] = onnx_parity(result.net, out_dir / "unet.onnx", val[0][:4])
+    if seg_metrics["onnx_parity"]["max_abs_diff"] > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX export differs from torch: {seg_metrics['onnx_parity']} (> {PARITY_TOLERANCE})")
 
     X, y = synthetic_region_features(n_regions_per_class, config.seed + 2, pixel_size_nm=pixel_size_nm, progress=progress)
     X_test, y_test = synthetic_region_features(max(20, n_regions_per_class // 4), config.seed + 3, pixel_size_nm=pixel_size_nm, progress=progress)
