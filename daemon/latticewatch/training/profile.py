@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def build_synthetic_profile(
     X_test, y_test = synthetic_region_features(max(20, n_regions_per_class // 4), config.seed + 3, pixel_size_nm=pixel_size_nm, progress=progress)
     forest = train_forest(X, y, seed=config.seed)
     forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
-    sio.dump(forest, out_dir / "forest.skops")
+    # 500 full-depth trees are ~33 MB raw; deflate brings them to ~5 MB
+    sio.dump(forest, out_dir / "forest.skops", compression=zipfile.ZIP_DEFLATED, compresslevel=9)
 
     files = ["unet.onnx", "unet.safetensors", "forest.skops"]
     manifest = Manifest(
