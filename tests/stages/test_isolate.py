@@ -47,3 +47,40 @@ def test_region_properties_and_edge_flag():
     assert small.area_px == 50 and small.bbox == (30, 30, 40, 35) and not small.touches_edge
     assert big.touches_edge and big.eccentricity > 0.8 and big.solidity == pytest.approx(1.0)
     assert small.centroid == pytest.approx((34.5, 32.0))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5])
+def test_disk_morphology_equals_scipy(radius):
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    from latticewatch.stages.isolate import _disk_morphology
+
+    rng = np.random.default_rng(radius)
+    mask = ndimage.gaussian_filter(rng.random((90, 70)), 2) > 0.5
+    structure = disk(radius).astype(bool)
+    np.testing.assert_array_equal(_disk_morphology(mask, radius, erode=True), ndimage.binary_erosion(mask, structure))
+    np.testing.assert_array_equal(_disk_morphology(mask, radius, erode=False), ndimage.binary_dilation(mask, structure))
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    from latticewatch.stages.isolate import fill_holes
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((120, 100)), 3) > 0.48
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_solidity_of_known_shapes():
+    from latticewatch.stages.isolate import solidity
+
+    square = np.ones((10, 10), bool)
+    assert solidity(square) == pytest.approx(1.0)
+    ell = np.zeros((10, 10), bool)
+    ell[:, :3] = True
+    ell[7:, :] = True  # an L: 30 + 21 = 51 px; hull of the corners covers 10·10 − ½·7·7 = 75.5
+    assert solidity(ell) == pytest.approx(51 / 75.5)
+    two_touching_discs = disc((60, 100), (30, 30), 20) | disc((60, 100), (30, 68), 20)
+    assert solidity(two_touching_discs) < 0.9 < solidity(disc((60, 60), (30, 30), 20))

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import regionprops
-from skimage.morphology import disk
 from pydantic import BaseModel, ConfigDict
 
 
@@ -43,18 +43,60 @@ def _radius_px(radius_nm: float, pixel_size_nm: float | None) -> int:
     return max(0, int(round(radius_nm / pixel_size_nm))) if pixel_size_nm else 1
 
 
+def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``out[y, x] = mask[y + dy, x + dx]``, False where that falls outside the image."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = mask[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+    return out
+
+
+def _disk_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+    """Binary erosion or dilation by ``skimage.morphology.disk(radius)``, outside = False.
+
+    The disc is a stack of horizontal segments of half-width ⌊√(r² − dy²)⌋, so the result is an
+    intersection (erosion) or union (dilation) of 2r + 1 shifted 1-D results, each built up from
+    the previous width: ~5r whole-image boolean operations instead of scipy's per-pixel loop over
+    every disc element (≈ 1 ms instead of 6–9 ms at 512²).
+    """
+    combine = np.logical_and if erode else np.logical_or
+    sign = 1 if erode else -1  # dilation reflects the structuring element (symmetric here anyway)
+    widths = [int(np.floor(np.sqrt(radius**2 - dy**2))) for dy in range(radius + 1)]
+    along_rows = {0: mask}
+    for w in range(1, max(widths) + 1):
+        along_rows[w] = combine(combine(along_rows[w - 1], _shifted(mask, 0, w)), _shifted(mask, 0, -w))
+    out = along_rows[widths[0]]
+    for dy in range(1, radius + 1):
+        segment = along_rows[widths[dy]]
+        out = combine(combine(out, _shifted(segment, sign * dy, 0)), _shifted(segment, -sign * dy, 0))
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background enclosed by foreground: background components not touching the border."""
+    background, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    enclosed = np.ones(n + 1, bool)
+    enclosed[border] = False
+    enclosed[0] = False
+    return mask | enclosed[background]
+
+
 def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
     """Threshold, open (removes speckle), close (joins fringe gaps), fill holes, drop small regions."""
     mask = probability >= params.threshold
     r_open = _radius_px(params.opening_radius_nm, pixel_size_nm)
     r_close = _radius_px(params.closing_radius_nm, pixel_size_nm)
     if r_open:
-        mask = ndimage.binary_opening(mask, structure=disk(r_open))
+        mask = _disk_morphology(_disk_morphology(mask, r_open, erode=True), r_open, erode=False)
     if r_close:
         # pad so closing does not glue regions to the frame border
         padded = np.pad(mask, r_close, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=disk(r_close))[r_close:-r_close, r_close:-r_close]
-    mask = ndimage.binary_fill_holes(mask)
+        closed = _disk_morphology(_disk_morphology(padded, r_close, erode=False), r_close, erode=True)
+        mask = closed[r_close:-r_close, r_close:-r_close]
+    mask = fill_holes(mask)
     labels, n = ndimage.label(mask)
     if n:
         areas = np.bincount(labels.ravel(), minlength=n + 1)
@@ -63,6 +105,22 @@ def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: 
         keep[0] = False
         mask = keep[labels]
     return mask
+
+
+def solidity(region: np.ndarray) -> float:
+    """Pixel area over the area of the convex hull of the region's pixel squares.
+
+    The hull is taken over the corners of the boundary pixels only, with scipy's Qhull: much
+    cheaper than rasterising the hull (skimage's ``solidity`` took ~5 ms per large region).
+    """
+    boundary = region & ~ndimage.binary_erosion(region)
+    ys, xs = np.nonzero(boundary)
+    corners = np.concatenate([np.column_stack([ys + dy, xs + dx]) for dy in (0, 1) for dx in (0, 1)])
+    try:
+        hull_area = ConvexHull(corners).volume  # in 2-D, "volume" is the enclosed area
+    except QhullError:  # all corners on one line cannot happen for pixel squares; be safe anyway
+        return 1.0
+    return float(np.count_nonzero(region) / hull_area)
 
 
 def isolate(mask: np.ndarray) -> tuple[np.ndarray, list[IsolatedRegion]]:
@@ -88,7 +146,7 @@ def isolate(mask: np.ndarray) -> tuple[np.ndarray, list[IsolatedRegion]]:
                 centroid=tuple(float(v) for v in props.centroid),
                 area_px=int(props.area),
                 eccentricity=float(props.eccentricity),
-                solidity=float(props.solidity),
+                solidity=solidity(props.image),
                 touches_edge=r0 == 0 or c0 == 0 or r1 == h or c1 == w,
             )
         )
