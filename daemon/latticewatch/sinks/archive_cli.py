@@ -132,7 +132,8 @@ def _write_image(path: Path, data: np.ndarray, frames: list[ArchivedFrame], *, f
                     "policies": ["lossless" if f.reduced.exact_everywhere else str(f.reduced.policy) for f in frames],
                 }
             )
-            kwargs: dict[str, Any] = {"description": description, "metadata": None}
+            # grey pages, one per frame: a stack of three must never be read as one RGB image
+            kwargs: dict[str, Any] = {"description": description, "metadata": None, "photometric": "minisblack"}
             if pixel_size:
                 per_cm = 1e7 / pixel_size
                 kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
