@@ -168,6 +168,22 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_models_import_keras(args: argparse.Namespace) -> int:
+    try:
+        from latticewatch.models.keras_import import KerasImportError, import_keras_profile
+    except ImportError as err:  # torch is needed to write the ONNX file
+        print(f"error: importing needs the [train] extra (torch): {err}", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.out or Path("profiles") / args.name
+    try:
+        import_keras_profile(args.file, out, name=args.name, command="latticewatch " + shlex.join(args.argv))
+    except (KerasImportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"profile {args.name} written to {out}; use it with --profile {out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latticewatch",
@@ -238,11 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("models", help="list installed profiles", description="Model profiles (plugins).")
+    p = sub.add_parser("models", help="list installed profiles, import Keras weights", description="Model profiles (plugins).")
     models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     q = models_sub.add_parser("list", help="installed profiles, verified, with the reason a broken one is unusable")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_models_list)
+    q = models_sub.add_parser(
+        "import-keras",
+        help="turn published pyNanoFind Keras weights (.h5) into a profile",
+        description="Convert the pyNanoFind U-Net weights (Keras 2.2 HDF5) into a latticewatch profile directory "
+        "(ONNX + safetensors + manifest; segmentation only, max normalisation, pixel size unset). Needs torch.",
+    )
+    q.add_argument("file", type=Path, metavar="FILE.h5")
+    q.add_argument("--name", required=True, help="profile name")
+    q.add_argument("--out", type=Path, metavar="DIR", help="profile directory (default: profiles/NAME)")
+    q.set_defaults(func=cmd_models_import_keras)
 
     from latticewatch.sinks import archive_cli
 
