@@ -49,10 +49,13 @@ from latticewatch.frame import Analysis, Frame
 from latticewatch.sinks.rle import (
     Policy,
     ReducedFrame,
+    _native,
+    join_bytes,
     margin_to_pixels,
     reduce_frame,
     restore_mask,
     restore_pixels,
+    split_bytes,
 )
 
 __all__ = [
@@ -73,7 +76,7 @@ __all__ = [
 log = logging.getLogger("latticewatch.sinks.archive")
 
 FORMAT = "latticewatch.archive"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer exact pixels split into low bytes + packed high bits
 SEGMENTS_DIR = "segments"
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VOLUME_RE = re.compile(r"^(?P<session>.+)-(?P<number>\d{4,})\.h5$")
@@ -442,7 +445,17 @@ def write_frame_group(
         _put(m, "lengths", reduced.mask_lengths, codec)
     e = g.create_group("exact")
     _put(e, "runs", reduced.exact_runs, codec)
-    _put(e, "pixels", reduced.exact_pixels, codec)
+    split = split_bytes(reduced.exact_pixels) if codec.name == "auto" else None
+    if split is None:
+        e.attrs["encoding"] = "plain"
+        _put(e, "pixels", reduced.exact_pixels, codec)
+    else:
+        # integer counts: low bytes + packed high bits already use every bit; a filter would only cost time
+        low_bytes, high_bits, attrs = split
+        e.attrs.update(attrs)
+        e.create_dataset("low_bytes", data=low_bytes)
+        if high_bits is not None:
+            e.create_dataset("high_bits", data=high_bits)
     low = g.create_group("low")
     low.attrs["policy"] = str(reduced.policy)
     for name, value in reduced.low_attrs.items():
@@ -511,6 +524,12 @@ def _attr_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _read_exact_pixels(e: h5py.Group, dtype: np.dtype) -> np.ndarray:
+    if _attr_str(e.attrs.get("encoding", "plain")) == "split":
+        return join_bytes(e["low_bytes"][...], _read_array(e, "high_bits"), e.attrs, _native(dtype))
+    return e["pixels"][...]
+
+
 def read_reduced(g: h5py.Group) -> ReducedFrame:
     """Load the :class:`ReducedFrame` stored in one ``/frames/<key>`` group."""
     a = g.attrs
@@ -521,7 +540,7 @@ def read_reduced(g: h5py.Group) -> ReducedFrame:
         dtype=_attr_str(a["dtype"]),
         policy=Policy.parse(_attr_str(a["policy"])),
         exact_runs=g["exact/runs"][...],
-        exact_pixels=g["exact/pixels"][...],
+        exact_pixels=_read_exact_pixels(g["exact"], np.dtype(_attr_str(a["dtype"]))),
         mask_values=None if mask is None else mask["values"][...],
         mask_lengths=None if mask is None else mask["lengths"][...],
         low_values=_read_array(low, "values"),
@@ -1279,7 +1298,7 @@ def _component(name: str) -> str:
     leaf = "/".join(parts[2:])
     if leaf.startswith("mask/"):
         return "mask"
-    if leaf == "exact/pixels":
+    if leaf in ("exact/pixels", "exact/low_bytes", "exact/high_bits"):
         return "exact_pixels"
     if leaf == "exact/runs":
         return "exact_runs"
