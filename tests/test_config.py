@@ -15,7 +15,12 @@ def test_defaults_are_safe():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, calibration, runtime, archive, sources"),
+    ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, calibration, runtime, archive, "),
+    ({"events": {"address": "127.0.0.1:5557"}}, "events.address: must be a ZeroMQ endpoint to bind"),
+    ({"events": {"high_water_mark": 0}}, "events.high_water_mark: Input should be greater than or equal to 1"),
+    ({"events": {"adress": "x"}}, "events.adress: unknown key; allowed here: enabled, address, high_water_mark, status_interval_s"),
+    ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
+    ({"metrics": {"rolling_frames": 0}}, "metrics.rolling_frames: Input should be greater than or equal to 1"),
     ({"runtime": {"runner": "fast"}}, "runtime.runner: Input should be 'pipelined' or 'inline'"),
     ({"runtime": {"budget_ms": 0}}, "runtime.budget_ms: Input should be greater than 0"),
     ({"sources": {"a": {"kind": "folder", "settle": 1}}}, "sources.a.settle: unknown key; allowed here: kind, path, polling"),

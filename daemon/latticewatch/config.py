@@ -28,6 +28,30 @@ Example (every key with its default)::
     min_free_bytes = 67108864          # stop archiving before the disk is full
     retry_max_s = 60                   # longest wait between attempts while the archive is unavailable
 
+    [events]                           # ZeroMQ PUB of the events (always in <state>/events.jsonl too)
+    enabled = true
+    address = "tcp://127.0.0.1:5557"   # bound; multipart [topic, JSON]
+    high_water_mark = 1000             # per subscriber; beyond it events are dropped and counted
+    status_interval_s = 5.0            # latticewatch.status every this many seconds; 0 = none
+
+    [metrics]                          # Prometheus /metrics
+    enabled = true
+    host = "127.0.0.1"
+    port = 9108
+    rolling_frames = 100               # frames in latticewatch_defect_fraction_rolling
+
+    [dashboard]                        # live page + verdict API, http://127.0.0.1:8088/
+    enabled = true
+    host = "127.0.0.1"
+    port = 8088                        # 0: any free port (logged)
+    history = 1000                     # frames kept for the time series
+    thumbnail_px = 384
+    sse_queue = 16                     # page updates a browser may lag before it is dropped
+    max_rate_hz = 4.0                  # page updates per second at most
+    verdict_min_particles = 1          # verdict "skip" when fewer particles ...
+    verdict_min_coverage = 0.0         # ... or less particle coverage (0–1) than this
+    verdict_file = "latticewatch_verdict.json"  # optional; default none. A name: next to each frame's file
+
     [sources.incoming]                 # one table per source; the table name names the source
     kind = "folder"
     path = "./incoming"
@@ -149,6 +173,67 @@ class ArchiveConfig(_Strict):
         return str(Codec.parse(value))
 
 
+class EventsConfig(_Strict):
+    """``[events]``: the ZeroMQ PUB of the events (they always go to the durable log too)."""
+
+    enabled: bool = True
+    address: str = "tcp://127.0.0.1:5557"
+    high_water_mark: int = Field(1000, ge=1)
+    status_interval_s: float = Field(5.0, ge=0, le=3600)
+
+    @field_validator("address")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError("must be a ZeroMQ endpoint to bind, such as tcp://127.0.0.1:5557 (tcp://, ipc:// or inproc://)")
+        return value
+
+
+class MetricsConfig(_Strict):
+    """``[metrics]``: Prometheus ``/metrics`` over HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+    rolling_frames: int = Field(100, ge=1, le=1_000_000)
+
+
+class DashboardConfig(_Strict):
+    """``[dashboard]``: the live page and the verdict API (``GET /api/verdict/latest``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8088, ge=0, le=65535)  # 0: any free port (logged)
+    history: int = Field(1000, ge=10, le=100_000)  # frames kept for the time series
+    thumbnail_px: int = Field(384, ge=64, le=2048)
+    sse_queue: int = Field(16, ge=1, le=1024)  # messages a browser may lag before it is dropped
+    max_rate_hz: float = Field(4.0, gt=0, le=50)  # page updates per second at most
+    verdict_min_particles: int = Field(1, ge=0)  # skip when fewer particles ...
+    verdict_min_coverage: float = Field(0.0, ge=0, le=1)  # ... or less coverage than this
+    verdict_file: str | None = None  # e.g. "latticewatch_verdict.json": written next to each frame's file
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a host name or address such as 127.0.0.1 (0.0.0.0 exposes it to the network)")
+        if value.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("dashboard.host = %r: the dashboard is reachable from other machines", value)
+        return value
+
+    @field_validator("verdict_file")
+    @classmethod
+    def _verdict_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value)
+        if not value or value.endswith(("/", "\\")) or (not path.is_absolute() and len(path.parts) != 1):
+            raise ValueError("must be a file name (written next to each frame's file) or an absolute path")
+        if path.name.startswith(".") or path.suffix.lower() in (".mrc", ".st", ".tif", ".tiff", ".mdoc", ".dm4", ".dm3", ".emd", ".ser", ".png"):
+            raise ValueError("must not be a dotfile or a micrograph suffix (the folder source would pick it up); use e.g. latticewatch_verdict.json")
+        return value
+
+
 class Config(_Strict):
     """The whole configuration; `load_config` builds it from a file."""
 
@@ -157,6 +242,9 @@ class Config(_Strict):
     calibration: Path | None = None
     runtime: RuntimeConfig = RuntimeConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    events: EventsConfig = EventsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     sources: dict[str, SourceConfig] = Field(default_factory=lambda: {"incoming": FolderSourceConfig(kind="folder")})
 
     @property

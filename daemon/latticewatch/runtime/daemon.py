@@ -6,11 +6,12 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from latticewatch.calibration import apply_calibration, load_calibration
 from latticewatch.config import Config, FolderSourceConfig, PluginSourceConfig, ZmqSourceConfig
 from latticewatch.runtime.analyser import Analyser
+from latticewatch.runtime.outputs import Outputs
 from latticewatch.runtime.runners import InlineRunner, PipelinedRunner, Pipeline, RunStats
 from latticewatch.runtime.store import StateDir
 from latticewatch.sinks.archive_sink import open_session_writer
@@ -55,7 +56,7 @@ def build_sources(config: Config) -> list[Source]:
     return sources
 
 
-def build_pipeline(config: Config, *, sinks: Sequence[Sink] = ()) -> Pipeline:
+def build_pipeline(config: Config, *, sinks: Sequence[Sink] = (), listeners: Sequence[Callable[[str], None]] = ()) -> Pipeline:
     """Load the profile and the calibration, open the state directory and the archive session."""
     analyser = Analyser(config.profile, threads=config.runtime.threads or None)
     calibrate = None
@@ -68,15 +69,30 @@ def build_pipeline(config: Config, *, sinks: Sequence[Sink] = ()) -> Pipeline:
                                       reduce=a.reduce, codec=a.codec, max_bytes=a.max_bytes, max_age_s=a.max_age_s,
                                       min_free_bytes=a.min_free_bytes, retry_max_s=a.retry_max_s)
     return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms, archive=archive,
-                    archive_queue=config.runtime.queue_size, calibrate=calibrate)
+                    archive_queue=config.runtime.queue_size, calibrate=calibrate, listeners=listeners)
 
 
 def run_daemon(config: Config, stop: threading.Event, *, sinks: Sequence[Sink] = ()) -> RunStats:
     """Run until ``stop`` is set (or every source ends); returns what was done."""
+    from latticewatch.sinks.dashboard import start_dashboard
+
     sources = build_sources(config)
-    pipeline = build_pipeline(config, sinks=sinks)
+    outputs = Outputs(config)  # ZeroMQ events + metrics (a port in use: logged, run without it)
+    try:
+        dashboard = start_dashboard(config)  # live page + verdict API; None when off or its port is taken
+    except BaseException:
+        outputs.close()
+        raise
+    try:
+        pipeline = build_pipeline(config, sinks=[*sinks, *([dashboard] if dashboard else [])], listeners=outputs.listeners)
+    except BaseException:
+        if dashboard is not None:
+            dashboard.close()
+        outputs.close()
+        raise
     rt = config.runtime
     runner = InlineRunner(pipeline) if rt.runner == "inline" else PipelinedRunner(pipeline, queue_size=rt.queue_size, max_batch=rt.max_batch)
+    outputs.attach(pipeline, runner)
     log.info("latticewatch daemon: profile %s, %d source(s) [%s], events in %s, archive %s", config.profile, len(sources),
              ", ".join(s.name for s in sources), pipeline.state.events_path,
              pipeline.archive.writer.session_dir if pipeline.archive else "off")
@@ -84,6 +100,9 @@ def run_daemon(config: Config, stop: threading.Event, *, sinks: Sequence[Sink] =
         return runner.run(sources, stop)
     finally:
         pipeline.close()
+        if dashboard is not None:
+            dashboard.close()
+        outputs.close()
 
 
 def stop_on_signals(stop: threading.Event) -> None:

@@ -1,4 +1,4 @@
-"""Daemon commands: ``latticewatch run | demo | check-config | replay``."""
+"""Daemon commands: ``latticewatch run | demo | check-config | replay | events``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from latticewatch.sinks.events import read_log
+
+    if args.state is not None:
+        state = args.state
+    else:
+        config = _load(args.config)
+        if config is None:
+            return EXIT_USAGE
+        state = config.state_dir
+    path = Path(state) / "events.jsonl"
+    if not path.exists():
+        print(f"error: no event log at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    topics = [t.removeprefix("latticewatch.") for t in args.topic or ()]
+    try:
+        for line in read_log(path, since=args.since, types=topics):
+            sys.stdout.write(line)
+    except KeyError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:  # `latticewatch events ... | head`
+        return EXIT_OK
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``run``, ``demo``, ``check-config`` and ``replay`` to the ``latticewatch`` command."""
     p = sub.add_parser("run", help="run the daemon (folder watching, ZeroMQ streams)",
@@ -177,3 +204,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pixel-size-nm", type=float, default=0.05, help="synthetic pixel size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("events", help="replay the durable event log (JSON lines) since a time or an event id",
+                       description="Print the events of <state>/events.jsonl as JSON lines, exactly as logged: all, or "
+                       "those after an event id, or those rendered at or after an ISO 8601 time (UTC when no zone is "
+                       "given). For a dashboard that restarts or a subscriber that joined late.")
+    p.add_argument("--since", default=None, metavar="TIME|ID", help="ISO 8601 time (e.g. 2024-06-01T10:00:00Z) or event id")
+    p.add_argument("--topic", action="append", metavar="TOPIC",
+                   help="frame, particle, defect, error or warning (latticewatch.* accepted); repeatable; default all")
+    p.add_argument("--state", type=Path, default=None, metavar="DIR", help="state directory (default: from --config)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config whose state directory to read")
+    p.set_defaults(func=cmd_events)

@@ -127,6 +127,8 @@ class Pipeline:
         Frames waiting for the archive writer.
     calibrate
         Gives frames without a pixel size one (`latticewatch.calibration.apply_calibration`).
+    listeners
+        Live consumers of the event log's text (ZeroMQ publisher, metrics), called once it is durable.
 
     Examples
     --------
@@ -137,11 +139,11 @@ class Pipeline:
 
     def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (), budget_ms: float | None = None,
                  archive: ArchiveWriter | None = None, archive_queue: int = 4,
-                 calibrate: Callable[[Frame], Frame] | None = None) -> None:
+                 calibrate: Callable[[Frame], Frame] | None = None, listeners: Sequence[Callable[[str], None]] = ()) -> None:
         self.analyser = analyser
         self.state = state
         self.ledger = Ledger(state.ledger_path)
-        self.events = EventLog(state.events_path, self.ledger)
+        self.events = EventLog(state.events_path, self.ledger, listeners=listeners)
         self.sinks = tuple(sinks)
         self.budget_ms = budget_ms
         self.stats = RunStats()
@@ -420,6 +422,11 @@ class PipelinedRunner:
         if self._failure is not None:
             raise self._failure
         return p.stats
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting before each phase, and deferred (for status events and metrics)."""
+        return {"prepare": self._to_prepare.qsize(), "segment": self._to_segment.qsize(),
+                "finish": self._to_finish.qsize(), "deferred": len(self._deferred)}
 
     def _thread(self, name: str, target: Callable, *args) -> threading.Thread:
         def guarded() -> None:

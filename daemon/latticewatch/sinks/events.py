@@ -22,6 +22,7 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from latticewatch.frame import Analysis, Frame
@@ -107,9 +108,12 @@ class EventLog:
     1
     """
 
-    def __init__(self, path: str | Path, ledger: Ledger) -> None:
+    def __init__(self, path: str | Path, ledger: Ledger, *, listeners: Sequence[Callable[[str], None]] = ()) -> None:
         self.path = Path(path)
         self.ledger = ledger
+        # Live consumers (ZMQ publisher, metrics) get exactly the text appended, once it is durable;
+        # they are called under the lock, so they see events in log order. They must not block.
+        self.listeners = list(listeners)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
         # Appends and the ledger's record of the log's length must happen in the same order, or
@@ -140,6 +144,7 @@ class EventLog:
         """Append one frame's events, fsync, and record the new length in the ledger."""
         with self._lock:
             self.ledger.published(frame_id, self._append(text))
+            self._tell(text)
 
     def notify(self, text: str) -> None:
         """Append events that are not a frame's analysis (archive trouble, warnings); no frame changes state.
@@ -149,6 +154,14 @@ class EventLog:
         """
         with self._lock:
             self.ledger.events_appended(self._append(text))
+            self._tell(text)
+
+    def _tell(self, text: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(text)
+            except Exception:  # a live consumer never stops the durable log
+                log.exception("event listener %r failed", listener)
 
     def _append(self, text: str) -> int:
         with open(self.path, "ab") as fh:
@@ -156,3 +169,50 @@ class EventLog:
             fh.flush()
             os.fsync(fh.fileno())
             return fh.tell()
+
+
+def read_log(path: str | Path, *, since: str | None = None, types: Sequence[str] = ()) -> Iterator[str]:
+    """Lines of an event log after ``since``, optionally only some event types (``latticewatch events``).
+
+    ``since`` is an event id (the events after it) or an ISO 8601 time (events rendered at or after
+    it; a time without a zone is UTC). ``types`` are event types (``frame``, ``particle``, ``error``,
+    ``warning``) or ``defect`` (particles labelled ``stacking_fault``); empty means all.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "events.jsonl"
+    >>> _ = path.write_text(render([error_event("a", "", "x"), error_event("b", "", "y")]))
+    >>> [json.loads(line)["frame_id"] for line in read_log(path, since="a/error")]
+    ['b']
+    """
+    after_id = None
+    not_before = None
+    if since is not None:
+        try:
+            t = datetime.fromisoformat(since)
+            not_before = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        except ValueError:
+            after_id = since
+    wanted = set(types)
+    started = after_id is None
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if not started:
+                started = event.get("event_id") == after_id
+                continue
+            if not_before is not None and datetime.fromisoformat(event["at"]) < not_before:
+                continue
+            if wanted and not (event.get("type") in wanted or ("defect" in wanted and is_defect(event))):
+                continue
+            yield line if line.endswith("\n") else line + "\n"
+    if not started:
+        raise KeyError(f"no event with id {after_id!r} in {path} (give an event id or an ISO 8601 time)")
+
+
+def is_defect(event: dict[str, Any]) -> bool:
+    """A particle event of a stacking-fault particle (published again on the ``defect`` topic)."""
+    return event.get("type") == "particle" and event.get("label") == "stacking_fault"

@@ -105,11 +105,13 @@ def _csv_rows(analysis: Analysis):
         yield row
 
 
-def overlay_image(frame: Frame, analysis: Analysis) -> Image.Image:
-    """The frame (0.5–99.5 % contrast) with region outlines coloured by class and a legend."""
-    pixels = frame.pixels.astype(np.float32)
-    step = max(1, int(np.ceil(max(pixels.shape) / OVERLAY_MAX_SIDE)))
-    pixels = pixels[::step, ::step]
+def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
+    """The frame (0.5–99.5 % contrast) with region outlines coloured by class and a legend.
+
+    Frames larger than ``max_side`` are subsampled first (the dashboard asks for a small one).
+    """
+    step = max(1, int(np.ceil(max(frame.pixels.shape) / max_side)))
+    pixels = frame.pixels[::step, ::step].astype(np.float32)
     lo, hi = np.percentile(pixels, [0.5, 99.5])
     grey = (np.clip((pixels - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2)

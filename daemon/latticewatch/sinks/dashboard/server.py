@@ -1,0 +1,364 @@
+"""The dashboard sink and its HTTP server (stdlib only): the live page, server-sent events, the verdict API.
+
+Routes
+------
+``/``                      the page (``static/index.html`` + ``dashboard.js`` + ``dashboard.css``; no CDN)
+``/events``                server-sent events: one ``snapshot`` message whenever something changed (at most
+                           ``max_rate_hz`` a second), a comment every 15 s to keep proxies quiet;
+                           ``?max_s=N`` ends the stream after N s (the page passes its own ``?sse_max_s=N``)
+``/api/state``             the same snapshot as JSON (the page loads it first)
+``/api/verdict/latest``    keep/skip verdict of the latest analysed frame (503 until one is analysed)
+``/thumbnail.png``         the latest frame, small, regions outlined by class
+``/healthz``               ``ok``
+
+The pipeline thread only calls `DashboardSink.consume`, which records counters, stores a reference
+to the latest frame and sets two events. PNG rendering, the verdict file, the event-log tail and the
+broadcasting to browsers run on the sink's own threads; a browser that does not keep up has its
+queue filled and is dropped (it reconnects and starts from a fresh snapshot).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from latticewatch.frame import Analysis, Frame
+from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule
+
+log = logging.getLogger("latticewatch.sinks.dashboard")
+
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
+          "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+          "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+
+
+def _static(name: str) -> bytes:
+    return resources.files("latticewatch.sinks.dashboard").joinpath("static", name).read_bytes()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp name (a dotfile, ignored by the folder source) + fsync + rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _Client:
+    def __init__(self, size: int) -> None:
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=size)
+        self.dropped = False
+
+
+class _Hub:
+    """Fan-out of SSE messages; a client whose queue is full is dropped, never waited for."""
+
+    def __init__(self, queue_size: int) -> None:
+        self.queue_size = queue_size
+        self._clients: set[_Client] = set()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def join(self) -> _Client:
+        client = _Client(self.queue_size)
+        with self._lock:
+            self._clients.add(client)
+        return client
+
+    def leave(self, client: _Client) -> None:
+        with self._lock:
+            self._clients.discard(client)
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            try:
+                client.queue.put_nowait(message)
+            except queue.Full:
+                client.dropped = True
+                self.dropped += 1
+                self.leave(client)
+                log.warning("dashboard: a slow browser was dropped (%d messages behind)", self.queue_size)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients), set()
+        for client in clients:
+            client.dropped = True
+            try:
+                client.queue.put_nowait(None)
+            except queue.Full:
+                pass
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+
+class DashboardSink:
+    """Sink + HTTP server of the live dashboard and the verdict API.
+
+    Parameters
+    ----------
+    host, port
+        Where to listen (``port=0``: a free port, see `url`).
+    events_path
+        The durable event log to tail for latency, budget overruns and errors (``None``: not tailed).
+    rule
+        The verdict rule.
+    verdict_file
+        ``None``: no file. A bare name: written next to each frame's file (folder sources). An
+        absolute path: always there.
+    history, thumbnail_px, sse_queue, max_rate_hz, budget_ms
+        Bounds and pacing (see the README's ``[dashboard]`` table).
+
+    Examples
+    --------
+    >>> sink = DashboardSink(port=0)
+    >>> sink.url.startswith("http://127.0.0.1:")
+    True
+    >>> sink.close()
+    """
+
+    name = "dashboard"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 8088, events_path: str | Path | None = None,
+                 rule: VerdictRule = VerdictRule(), verdict_file: str | None = None, history: int = 1000,
+                 thumbnail_px: int = 384, sse_queue: int = 16, max_rate_hz: float = 4.0,
+                 budget_ms: float | None = None) -> None:
+        self.state = DashboardState(history=history, budget_ms=budget_ms, rule=rule)
+        self.hub = _Hub(sse_queue)
+        self.thumbnail_px = thumbnail_px
+        self.verdict_file = verdict_file
+        self.max_rate_hz = max_rate_hz
+        self.events_path = Path(events_path) if events_path is not None else None
+        self._png: bytes = b""
+        self._png_lock = threading.Lock()
+        self._latest: tuple[Frame, Analysis, dict[str, Any]] | None = None
+        self._latest_lock = threading.Lock()
+        self._work = threading.Event()
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self.server = ThreadingHTTPServer((host, port), _handler(self))
+        self.server.daemon_threads = True
+        self._threads = [threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                          name="dashboard-http", daemon=True),
+                         threading.Thread(target=self._render_loop, name="dashboard-render", daemon=True),
+                         threading.Thread(target=self._broadcast_loop, name="dashboard-sse", daemon=True)]
+        if self.events_path is not None:
+            self._threads.append(threading.Thread(target=self._tail_loop, name="dashboard-tail", daemon=True))
+        for t in self._threads:
+            t.start()
+        log.info("dashboard on %s", self.url)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # the pipeline side: never blocks
+    def consume(self, frame: Frame, analysis: Analysis) -> None:
+        verdict = self.state.add_analysis(frame, analysis)
+        with self._latest_lock:
+            self._latest = (frame, analysis, verdict)
+        self._work.set()
+        self._changed.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self._changed.set()
+        self.hub.close()
+        self.server.shutdown()
+        self.server.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # the sink's own threads
+    def _render_loop(self) -> None:
+        from latticewatch.sinks.reports import overlay_image
+
+        while not self._stop.is_set():
+            self._work.wait()
+            self._work.clear()
+            with self._latest_lock:
+                latest, self._latest = self._latest, None
+            if latest is None or self._stop.is_set():
+                continue
+            frame, analysis, verdict = latest  # only the newest: when behind, older thumbnails are skipped
+            try:
+                if self.verdict_file:
+                    self._write_verdict(frame, verdict)
+                image = overlay_image(frame, analysis, max_side=2 * self.thumbnail_px)
+                image.thumbnail((self.thumbnail_px, self.thumbnail_px))
+                buf = io.BytesIO()
+                image.save(buf, format="PNG", optimize=False)
+                with self._png_lock:
+                    self._png = buf.getvalue()
+                self.state.set_thumbnail(frame.frame_id)
+                self._changed.set()
+            except Exception:  # the page just keeps the previous thumbnail
+                log.exception("dashboard: thumbnail of %s failed", frame.frame_id)
+
+    def _write_verdict(self, frame: Frame, verdict: dict[str, Any]) -> None:
+        target = Path(self.verdict_file)
+        if not target.is_absolute():
+            origin = Path(frame.origin.split("#", 1)[0]) if frame.origin else None
+            if origin is None or not origin.parent.is_dir():
+                return  # a stream frame: no folder to write next to
+            target = origin.parent / target
+        try:
+            write_atomic(target, (json.dumps(verdict, default=str) + "\n").encode())
+        except OSError as err:
+            log.warning("dashboard: cannot write the verdict file %s: %s", target, err)
+
+    def _broadcast_loop(self) -> None:
+        sent = -1
+        while not self._stop.is_set():
+            self._changed.wait(timeout=1.0)
+            self._changed.clear()
+            if self._stop.is_set():
+                break
+            if self.hub.count and self.state.version != sent:
+                snap = self.state.snapshot()
+                sent = snap["version"]
+                self.hub.send(b"event: snapshot\ndata: " + json.dumps(snap, default=str, separators=(",", ":")).encode() + b"\n\n")
+            self._stop.wait(1.0 / self.max_rate_hz)  # coalesce bursts
+
+    def _tail_loop(self) -> None:
+        """Follow the event log from its current end (runner timings, errors, warnings)."""
+        path = self.events_path
+        offset = path.stat().st_size if path.exists() else 0
+        partial = b""
+        while not self._stop.wait(0.25):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if size < offset:  # cut back after a crash, or replaced
+                offset, partial = 0, b""
+            if size == offset:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(size - offset)
+            offset += len(chunk)
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for line in lines:
+                if b'"type":"particle"' in line or not line.strip():
+                    continue
+                try:
+                    self.state.add_runner_event(json.loads(line))
+                except ValueError:
+                    continue
+            self._changed.set()
+
+
+def _max_seconds(path: str) -> float | None:
+    """``/events?max_s=2``: end the stream after 2 s (the browser reconnects); for headless browsers whose
+    virtual clock waits for open requests."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        value = float(parse_qs(urlsplit(path).query).get("max_s", ["0"])[0])
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "latticewatch-dashboard"
+        protocol_version = "HTTP/1.1"
+        timeout = 30  # a client that stops reading is cut off
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, body: bytes, ctype: str, *, cache: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "max-age=60" if cache else "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, data: Any) -> None:
+            self._send(status, json.dumps(data, default=str).encode(), "application/json")
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in STATIC:
+                name, ctype = STATIC[path]
+                self._send(HTTPStatus.OK, _static(name), ctype)
+            elif path == "/api/verdict/latest":
+                verdict = sink.state.verdict
+                if verdict is None:
+                    self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"verdict": None, "reason": "no frame analysed yet",
+                                                               "rule": str(sink.state.rule)})
+                else:
+                    self._json(HTTPStatus.OK, verdict)
+            elif path == "/api/state":
+                self._json(HTTPStatus.OK, sink.state.snapshot())
+            elif path == "/thumbnail.png":
+                with sink._png_lock:
+                    png = sink._png
+                if png:
+                    self._send(HTTPStatus.OK, png, "image/png")
+                else:
+                    self._send(HTTPStatus.NOT_FOUND, b"no frame yet\n", "text/plain")
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, b"ok\n", "text/plain")
+            elif path == "/events":
+                self._events(_max_seconds(self.path))
+            else:
+                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+        def _events(self, max_s: float | None) -> None:
+            client = sink.hub.join()
+            until = time.monotonic() + max_s if max_s else None
+            try:
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                first = json.dumps(sink.state.snapshot(), default=str, separators=(",", ":")).encode()
+                self.wfile.write(b"retry: 2000\nevent: snapshot\ndata: " + first + b"\n\n")
+                self.wfile.flush()
+                while not client.dropped and (until is None or time.monotonic() < until):
+                    try:
+                        message = client.queue.get(timeout=min(15.0, max(until - time.monotonic(), 0.01)) if until else 15.0)
+                    except queue.Empty:
+                        message = b": keep-alive\n\n"
+                    if message is None:
+                        break
+                    self.wfile.write(message)
+                    self.wfile.flush()
+            except OSError:
+                pass  # the browser went away
+            finally:
+                sink.hub.leave(client)
+
+    return Handler

@@ -1,0 +1,222 @@
+"""Prometheus metrics of the daemon, fed by the durable event log and a few live probes.
+
+Counters, histograms and per-frame gauges are updated from the events as they are appended to
+``events.jsonl`` (the runner already measured every phase and put it in the frame event: metrics
+are middleware, never stage code). Queue depths, the archive's bytes and the publisher's drops
+are read when Prometheus scrapes (a collector calling ``probe``). Every object takes
+``registry=``, so tests use a fresh `prometheus_client.CollectorRegistry` each.
+
+Names follow Prometheus conventions (base units, ``_total`` counters, histograms for latency);
+sizes of particles are in nanometres (``_nm``), the unit of the rest of latticewatch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("latticewatch.sinks.metrics")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DIAMETER_BUCKETS_NM = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0)
+
+#: Every metric name exposed (without the ``_bucket``/``_sum``/``_count``/``_created`` suffixes).
+METRIC_NAMES = (
+    "latticewatch_build_info",
+    "latticewatch_frames_total",
+    "latticewatch_frame_latency_seconds",
+    "latticewatch_stage_seconds",
+    "latticewatch_phase_seconds",
+    "latticewatch_particles_total",
+    "latticewatch_particle_diameter_nm",
+    "latticewatch_defect_fraction",
+    "latticewatch_defect_fraction_rolling",
+    "latticewatch_frame_particles",
+    "latticewatch_frame_coverage_ratio",
+    "latticewatch_budget_overruns_total",
+    "latticewatch_quarantined_frames_total",
+    "latticewatch_errors_total",
+    "latticewatch_queue_depth",
+    "latticewatch_archive_frames_total",
+    "latticewatch_archive_raw_bytes_total",
+    "latticewatch_archive_stored_bytes_total",
+    "latticewatch_archive_compression_ratio",
+    "latticewatch_archive_failures_total",
+    "latticewatch_events_sent_total",
+    "latticewatch_events_dropped_total",
+)
+
+
+class _Probe:
+    """A collector that asks ``probe()`` at scrape time for queue depths, archive and publisher counters."""
+
+    def __init__(self, probe: Callable[[], dict[str, Any]]) -> None:
+        self.probe = probe
+
+    def describe(self) -> list:
+        return []  # values exist only at scrape time
+
+    def collect(self) -> Iterator:
+        try:
+            p = self.probe()
+        except Exception:
+            log.exception("metrics probe failed")
+            return
+        queues = GaugeMetricFamily("latticewatch_queue_depth", "Frames waiting, per queue", labels=["queue"])
+        for name, depth in sorted(p.get("queues", {}).items()):
+            queues.add_metric([name], depth)
+        yield queues
+        a = p.get("archive")
+        if a is not None:
+            for name, key, doc in (("latticewatch_archive_frames", "frames_written", "Frames written to the archive"),
+                                   ("latticewatch_archive_raw_bytes", "raw_bytes", "Raw bytes (shape × itemsize) of archived frames"),
+                                   ("latticewatch_archive_stored_bytes", "stored_bytes", "Bytes the archive wrote for them"),
+                                   ("latticewatch_archive_failures", "failures", "Archive writes that failed (disk full, permissions …)")):
+                yield CounterMetricFamily(name, doc, value=a.get(key, 0))
+            ratio = a["raw_bytes"] / a["stored_bytes"] if a.get("stored_bytes") else math.nan
+            yield GaugeMetricFamily("latticewatch_archive_compression_ratio", "Raw over stored bytes of this run's archive", value=ratio)
+        e = p.get("events")
+        if e is not None:
+            yield CounterMetricFamily("latticewatch_events_sent", "Messages sent on the ZeroMQ PUB socket", value=e.get("sent", 0))
+            yield CounterMetricFamily("latticewatch_events_dropped", "Messages dropped at a subscriber's high-water mark",
+                                      value=e.get("dropped", 0))
+
+
+class Metrics:
+    """The daemon's metrics, updated from event-log text (`on_events`).
+
+    Parameters
+    ----------
+    registry
+        Where to register (a fresh one per test).
+    rolling_frames
+        Frames in the rolling defect fraction.
+    build
+        Labels of ``latticewatch_build_info`` (version, profile …).
+    probe
+        Called at scrape time: ``{"queues": {name: depth}, "archive": {...}, "events": {...}}``.
+
+    Examples
+    --------
+    >>> from prometheus_client import generate_latest
+    >>> m = Metrics(registry=CollectorRegistry())
+    >>> m.on_events('{"event_id":"cam:s#0/frame","type":"frame","frame_id":"cam:s#0","class_counts":'
+    ...             '{"stacking_fault":1,"no_stacking_fault":3},"defect_fraction":0.25,"timings_s":{"segment":0.1}}\\n')
+    >>> m.registry.get_sample_value("latticewatch_defect_fraction_rolling")
+    0.25
+    >>> m.registry.get_sample_value("latticewatch_frames_total", {"source": "cam", "outcome": "analysed"})
+    1.0
+    """
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, rolling_frames: int = 100, build: dict[str, str] | None = None,
+                 probe: Callable[[], dict[str, Any]] | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.build = Info("latticewatch_build", "latticewatch version and the loaded profile", registry=r)
+        self.build.info(build or {})
+        self.frames = Counter("latticewatch_frames", "Frames by source and outcome (analysed, quarantined)",
+                              ["source", "outcome"], registry=r)
+        self.latency = Histogram("latticewatch_frame_latency_seconds", "Arrival to analysis published, per frame",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("latticewatch_stage_seconds", "Seconds per analysis stage, per frame", ["stage"],
+                               buckets=STAGE_BUCKETS, registry=r)
+        self.phase = Histogram("latticewatch_phase_seconds", "Seconds per runner phase (prepare, segment, finish, publish), per frame",
+                               ["phase"], buckets=STAGE_BUCKETS, registry=r)
+        self.particles = Counter("latticewatch_particles", "Particles by class", ["class"], registry=r)
+        self.diameter = Histogram("latticewatch_particle_diameter_nm", "Equivalent diameter of particles (nm), by class",
+                                  ["class"], buckets=DIAMETER_BUCKETS_NM, registry=r)
+        self.defect = Gauge("latticewatch_defect_fraction",
+                            "Stacking faults among zone-axis particles of the last frame (NaN: none on zone axis)", registry=r)
+        self.defect_rolling = Gauge("latticewatch_defect_fraction_rolling",
+                                    f"Stacking faults among zone-axis particles of the last {rolling_frames} frames", registry=r)
+        self.frame_particles = Gauge("latticewatch_frame_particles", "Particles in the last frame", registry=r)
+        self.coverage = Gauge("latticewatch_frame_coverage_ratio", "Fraction of the last frame segmented as particle", registry=r)
+        self.overruns = Counter("latticewatch_budget_overruns", "Frames whose phases exceeded the per-frame budget", registry=r)
+        self.quarantined = Counter("latticewatch_quarantined_frames", "Frames quarantined (could not be analysed)", registry=r)
+        self.errors = Counter("latticewatch_errors", "Error and warning events by kind", ["kind"], registry=r)
+        self.defect.set(math.nan)
+        self.defect_rolling.set(math.nan)
+        self._window: collections.deque[tuple[int, int]] = collections.deque(maxlen=rolling_frames)
+        self._lock = threading.Lock()
+        if probe is not None:
+            r.register(_Probe(probe))
+
+    def on_events(self, text: str) -> None:
+        """Count the events of one append to the event log (JSON lines)."""
+        for line in text.splitlines():
+            if line:
+                self.observe(json.loads(line))
+
+    def observe(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "frame":
+            self._frame(event)
+        elif kind == "particle":
+            label = event.get("label") or "unclassified"
+            self.particles.labels(label).inc()
+            if event.get("equivalent_diameter_nm") is not None:
+                self.diameter.labels(label).observe(event["equivalent_diameter_nm"])
+        elif kind in ("error", "warning"):
+            suffix = event.get("event_id", "").rpartition("/")[2]
+            self.errors.labels(suffix or kind).inc()
+            if kind == "error" and suffix == "error":  # the frame itself failed (not archive trouble)
+                self.frames.labels(_source(event), "quarantined").inc()
+                self.quarantined.inc()
+
+    def _frame(self, e: dict[str, Any]) -> None:
+        self.frames.labels(_source(e), "analysed").inc()
+        for stage, seconds in (e.get("timings_s") or {}).items():
+            self.stage.labels(stage).observe(seconds)
+        runner = e.get("runner") or {}
+        for phase, seconds in (runner.get("phases_s") or {}).items():
+            self.phase.labels(phase).observe(seconds)
+        if runner.get("latency_s") is not None:
+            self.latency.observe(runner["latency_s"])
+        if runner.get("overrun"):
+            self.overruns.inc()
+        self.frame_particles.set(e.get("particles", 0))
+        self.coverage.set(e.get("coverage", 0.0))
+        fraction = e.get("defect_fraction")
+        self.defect.set(math.nan if fraction is None else fraction)
+        counts = e.get("class_counts") or {}
+        faults, clean = counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0)
+        with self._lock:
+            self._window.append((faults, faults + clean))
+            oriented = sum(n for _, n in self._window)
+            rolling = sum(f for f, _ in self._window) / oriented if oriented else math.nan
+        self.defect_rolling.set(rolling)
+
+
+def _source(event: dict[str, Any]) -> str:
+    return str(event.get("frame_id", "")).partition(":")[0] or "unknown"
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP (prometheus-client's server) on ``host:port``; port 0 picks a free one.
+
+    Examples
+    --------
+    >>> server = MetricsServer(Metrics(registry=CollectorRegistry()), "127.0.0.1", 0)
+    >>> server.port > 0
+    True
+    >>> server.close()
+    """
+
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9108) -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.host = host
+        self.port = self._server.server_address[1]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,136 @@
+"""ZeroMQ PUB of the daemon's events: multipart ``[topic, JSON]``, never blocking the pipeline.
+
+The publisher listens to the durable event log (`latticewatch.sinks.events.EventLog`): each event
+is sent exactly as it was appended to ``events.jsonl`` (same bytes, same deterministic id), once
+it is durable. Topics:
+
+=========================  =====================================================================
+``latticewatch.frame``     one per analysed frame
+``latticewatch.particle``  one per region
+``latticewatch.defect``    particles labelled ``stacking_fault`` (also sent on ``particle``)
+``latticewatch.error``     input that could not be analysed, archive trouble
+``latticewatch.warning``   notices (a source's frames carry no pixel size)
+``latticewatch.status``    periodic: fps, backlog, budget overruns, drops (not in the log)
+=========================  =====================================================================
+
+A slow or dead subscriber never slows the pipeline: the socket's send high-water mark bounds
+what ZeroMQ buffers, every send is ``NOBLOCK``, and an event that does not fit is dropped and
+counted (``counters["dropped"]``, in the next status event and the metrics). The socket is an
+XPUB with ``XPUB_NODROP`` (plain PUB drops silently, so drops could not be counted); the price is
+that while one subscriber of a topic sits at its high-water mark, that topic's events are
+dropped for all its subscribers. Every event is in the durable log: ``latticewatch events
+--since <last id seen>`` fills the gap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import zmq
+
+from latticewatch.sinks.events import is_defect
+
+log = logging.getLogger("latticewatch.sinks.publisher")
+
+TOPIC_PREFIX = "latticewatch."
+#: The version of the event schemas (``latticewatch/schemas/<type>.v1.json``) the events follow.
+SCHEMA_VERSION = 1
+
+
+class EventPublisher:
+    """A bound PUB socket fed by the event log, plus a periodic status event.
+
+    Parameters
+    ----------
+    address
+        Endpoint to bind, e.g. ``tcp://127.0.0.1:5557``.
+    high_water_mark
+        Messages ZeroMQ queues per subscriber before dropping.
+    status_interval_s
+        Seconds between status events; ``0`` sends none.
+    status
+        Called for the status event's fields (fps, backlog, overruns …).
+
+    Examples
+    --------
+    >>> pub = EventPublisher("tcp://127.0.0.1:0")
+    >>> pub.on_events('{"event_id":"a/frame","type":"frame"}\\n')
+    >>> pub.counters["sent"] + pub.counters["dropped"]
+    1
+    >>> pub.close()
+    """
+
+    def __init__(self, address: str, *, high_water_mark: int = 1000, status_interval_s: float = 5.0,
+                 status: Callable[[], dict[str, Any]] | None = None, context: zmq.Context | None = None) -> None:
+        self._context = context or zmq.Context.instance()
+        # XPUB with NODROP is PUB for subscribers, but a full subscriber queue makes a NOBLOCK send
+        # fail (EAGAIN) instead of dropping silently — so drops are counted, and nothing waits.
+        self._socket = self._context.socket(zmq.XPUB)
+        self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self._socket.setsockopt(zmq.SNDHWM, high_water_mark)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(address)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.counters = {"sent": 0, "dropped": 0, "status": 0}
+        self._lock = threading.Lock()  # sockets are not thread-safe: the log's writers and the status thread share it
+        self._status = status
+        self._interval = status_interval_s
+        self._stop = threading.Event()
+        self._run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        self._seq = 0
+        self._thread = None
+        if status_interval_s > 0:
+            self._thread = threading.Thread(target=self._status_loop, name="latticewatch-status", daemon=True)
+            self._thread.start()
+
+    def on_events(self, text: str) -> None:
+        """Send the events of one append to the log (JSON lines), each on its topic."""
+        for line in text.splitlines():
+            if not line:
+                continue
+            event = json.loads(line)
+            payload = line.encode()
+            self._send(event.get("type", "unknown"), payload)
+            if is_defect(event):
+                self._send("defect", payload)
+
+    def send_status(self) -> dict[str, Any]:
+        """Send one status event now; returns it."""
+        self._seq += 1
+        event = {"event_id": f"status/{self._run_id}/{self._seq}", "type": "status",
+                 "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "schema_version": SCHEMA_VERSION}
+        if self._status is not None:
+            event.update(self._status())
+        with self._lock:
+            event["publisher"] = dict(self.counters)
+        self._send("status", json.dumps(event, separators=(",", ":")).encode())
+        self.counters["status"] += 1
+        return event
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            try:
+                self._socket.send_multipart([(TOPIC_PREFIX + topic).encode(), payload], flags=zmq.NOBLOCK)
+                self.counters["sent"] += 1
+            except zmq.Again:  # a subscriber at its high-water mark: drop, count, go on
+                self.counters["dropped"] += 1
+
+    def _status_loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.send_status()
+            except Exception:
+                log.exception("status event failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with self._lock:
+            self._socket.close(linger=0)
