@@ -49,6 +49,18 @@ def _run(config, stop: threading.Event) -> int:
     return EXIT_OK
 
 
+def _where(config) -> str:
+    """Where a running daemon's outputs can be reached, one per line."""
+    lines = [f"  events:    {config.state_dir / 'events.jsonl'} (durable log)"]
+    if config.events.enabled:
+        lines.append(f"             {config.events.address} (ZeroMQ PUB, topics latticewatch.*)")
+    if config.metrics.enabled:
+        lines.append(f"  metrics:   http://{config.metrics.host}:{config.metrics.port}/metrics")
+    if config.dashboard.enabled:
+        lines.append(f"  dashboard: http://{config.dashboard.host}:{config.dashboard.port}/")
+    return "\n".join(lines)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from latticewatch.runtime.daemon import stop_on_signals
 
@@ -57,8 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     stop = threading.Event()
     stop_on_signals(stop)
-    print(f"latticewatch: watching {', '.join(config.sources)}; events in {config.state_dir / 'events.jsonl'} (Ctrl-C stops)",
-          file=sys.stderr, flush=True)
+    print(f"latticewatch: watching {', '.join(config.sources)} (Ctrl-C stops)\n{_where(config)}", file=sys.stderr, flush=True)
     return _run(config, stop)
 
 
@@ -80,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop_on_signals(stop)
     events = config.state_dir / "events.jsonl"
     print(f"latticewatch demo\n  replaying {args.frames} synthetic {args.size}² frames at {args.rate} Hz into the SerialEM stack "
-          f"{incoming / 'demo.mrc'} (+ .mdoc)\n  events:  {events}\n  ledger:  {config.state_dir / 'ledger.sqlite'}\n"
+          f"{incoming / 'demo.mrc'} (+ .mdoc)\n{_where(config)}\n  ledger:    {config.state_dir / 'ledger.sqlite'}\n"
           f"  {'stops when all frames are analysed' if args.exit_when_done else 'Ctrl-C stops'}", flush=True)
 
     def feed() -> None:
