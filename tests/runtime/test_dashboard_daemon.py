@@ -43,14 +43,17 @@ def wait_until(predicate, timeout, what):
 
 
 @pytest.fixture
-def daemon(tmp_path, profile_dir):
-    """`latticewatch run` in a subprocess with the dashboard on a free port; yields (url, incoming, replay_more)."""
+def daemon(tmp_path):
+    """`latticewatch run` in a subprocess with the dashboard on a free port; yields (url, incoming, replay_more).
+
+    It runs the shipped nanoparticle profile, so particles are found and every chart has data.
+    """
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     port = free_port()
     config = tmp_path / "lw.toml"
     config.write_text(
-        f'profile = "{profile_dir}"\ndata_dir = "data"\n[runtime]\nthreads = 1\n[archive]\nenabled = false\n'
+        f'profile = "nanoparticles"\ndata_dir = "data"\n[runtime]\nthreads = 1\n[archive]\nenabled = false\n'
         f'[events]\nenabled = false\n[metrics]\nenabled = false\n'
         f'[dashboard]\nport = {port}\nmax_rate_hz = 10\nverdict_min_particles = 1000000\nverdict_file = "lw_verdict.json"\n'
         f'[sources.scope]\nkind = "folder"\npath = "incoming"\nsettle_s = 0.3\n'
@@ -142,7 +145,8 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     assert int(attr(dom, "chart-defect", "data-points")) >= N_FRAMES
     counts = json.loads(html.unescape(attr(dom, "chart-classes", "data-counts")))
     state = get_json(url + "/api/state")
-    assert counts == state["class_totals"]
+    assert counts == state["class_totals"] and sum(counts.values()) > 0
+    assert int(attr(dom, "chart-sizes", "data-points")) > 0  # size distribution drawn
     assert int(attr(dom, "chart-latency", "data-points")) >= 1
     first_thumb = attr(dom, "thumb", "src")
     assert first_thumb and first_thumb.startswith("thumbnail.png?v=")
