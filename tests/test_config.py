@@ -16,7 +16,7 @@ def test_defaults_are_safe():
 
 @pytest.mark.parametrize("data, message", [
     ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, calibration, runtime, archive, "),
-    ({"events": {"address": "127.0.0.1:5557"}}, "events.address: must be a ZeroMQ endpoint to bind"),
+    ({"events": {"address": "127.0.0.1:5557"}}, "events.address: must be a ZeroMQ endpoint"),
     ({"events": {"high_water_mark": 0}}, "events.high_water_mark: Input should be greater than or equal to 1"),
     ({"events": {"adress": "x"}}, "events.adress: unknown key; allowed here: enabled, address, high_water_mark, status_interval_s"),
     ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),

@@ -78,11 +78,20 @@ from __future__ import annotations
 import logging
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from latticewatch.sources.readers import DEFAULT_MAX_PIXELS
+
+
+def _zmq_endpoint(value: str) -> str:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError("must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555 (tcp://, ipc:// or inproc://)")
+    return value
+
+
+ZmqEndpoint = Annotated[str, AfterValidator(_zmq_endpoint)]
 
 log = logging.getLogger("latticewatch.config")
 
@@ -110,18 +119,11 @@ class FolderSourceConfig(_Strict):
 
 class ZmqSourceConfig(_Strict):
     kind: Literal["zmq"]
-    address: str = "tcp://127.0.0.1:5555"
+    address: ZmqEndpoint = "tcp://127.0.0.1:5555"
     socket: Literal["pull", "sub"] = "pull"
     bind: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     high_water_mark: int = Field(1000, ge=1)
-
-    @field_validator("address")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not value.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError("must be a ZeroMQ endpoint such as tcp://127.0.0.1:5555 (tcp://, ipc:// or inproc://)")
-        return value
 
 
 class PluginSourceConfig(BaseModel):
@@ -177,16 +179,9 @@ class EventsConfig(_Strict):
     """``[events]``: the ZeroMQ PUB of the events (they always go to the durable log too)."""
 
     enabled: bool = True
-    address: str = "tcp://127.0.0.1:5557"
+    address: ZmqEndpoint = "tcp://127.0.0.1:5557"
     high_water_mark: int = Field(1000, ge=1)
     status_interval_s: float = Field(5.0, ge=0, le=3600)
-
-    @field_validator("address")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not value.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError("must be a ZeroMQ endpoint to bind, such as tcp://127.0.0.1:5557 (tcp://, ipc:// or inproc://)")
-        return value
 
 
 class MetricsConfig(_Strict):
