@@ -13,6 +13,11 @@ import numpy as np
 CLASSES: tuple[str, ...] = ("stacking_fault", "no_stacking_fault", "misoriented", "agglomeration", "empty")
 
 
+def file_safe(text: str) -> str:
+    """``text`` with every character that is not safe in a file name replaced by ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One 2-D micrograph as it arrived.
@@ -45,7 +50,7 @@ class Frame:
         """A file-name-safe name for output files: the file stem, plus ``_sNNNN`` for a stack section."""
         source, _, section = self.frame_id.partition("#")
         stem = source.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or "frame"
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+        stem = file_safe(stem)
         return f"{stem}_s{int(section):04d}" if section.isdigit() else stem
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latticewatch.frame import Frame
+from latticewatch.atomic import write_atomic
+from latticewatch.frame import Frame, file_safe
 
 log = logging.getLogger("latticewatch.runtime.store")
 
@@ -38,21 +39,8 @@ def entry_key(frame_id: str) -> str:
     >>> entry_key("cam:series/1#7")
     'cam_series_1_7-eefd18a190b9'
     """
-    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame_id)[-80:]
+    readable = file_safe(frame_id)[-80:]
     return f"{readable}-{hashlib.sha256(frame_id.encode()).hexdigest()[:12]}"
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _save_pixels(path: Path, pixels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, pixels, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 class StateDir:
@@ -85,7 +73,7 @@ class StateDir:
     def spool(self, frame: Frame) -> str:
         """Keep a frame's pixels and metadata on disk until it is analysed; returns its key."""
         key = entry_key(frame.frame_id)
-        _save_pixels(self.spool_dir / f"{key}.npy", frame.pixels)
+        write_atomic(self.spool_dir / f"{key}.npy", lambda fh: np.save(fh, frame.pixels, allow_pickle=False), fsync=False)
         record = {
             "frame_id": frame.frame_id,
             "pixel_size_nm": frame.pixel_size_nm,
@@ -93,7 +81,7 @@ class StateDir:
             "meta": frame.meta,
             "origin": frame.origin,
         }
-        _write(self.spool_dir / f"{key}.json", json.dumps(record, default=str).encode())
+        write_atomic(self.spool_dir / f"{key}.json", json.dumps(record, default=str).encode(), fsync=False)
         return key
 
     def load_spooled(self, key: str) -> Frame:
@@ -127,7 +115,7 @@ class StateDir:
         kept = None
         if payload is not None:
             kept = f"{key}.bin"
-            _write(self.quarantine_dir / kept, payload)
+            write_atomic(self.quarantine_dir / kept, payload, fsync=False)
         elif spool_key is not None and (self.spool_dir / f"{spool_key}.npy").exists():
             kept = f"{key}.npy"
             os.replace(self.spool_dir / f"{spool_key}.npy", self.quarantine_dir / kept)
@@ -135,5 +123,5 @@ class StateDir:
         reason = {"frame_id": frame_id, "origin": origin, "problem": problem, "kept": kept,
                   "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         path = self.quarantine_dir / f"{key}.json"
-        _write(path, json.dumps(reason, indent=2).encode())
+        write_atomic(path, json.dumps(reason, indent=2).encode(), fsync=False)
         return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from latticewatch.atomic import write_atomic
 from latticewatch.frame import CLASSES, Analysis, Frame
 from latticewatch.stages.features import FEATURE_NAMES
 
@@ -79,16 +79,6 @@ def frame_report(frame: Frame, analysis: Analysis) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _csv_rows(analysis: Analysis):
     for r in analysis.regions:
         row = {
@@ -143,7 +133,7 @@ def write_reports(frame: Frame, analysis: Analysis, out_dir: Path, *, save_proba
     base = out_dir / frame.name
     paths = [base.with_suffix(".json"), out_dir / f"{frame.name}_particles.csv", out_dir / f"{frame.name}_overlay.png"]
     report = json.dumps(frame_report(frame, analysis), indent=2, default=_json_default).encode()
-    _atomic_write(paths[0], lambda fh: fh.write(report))
+    write_atomic(paths[0], report)
 
     def write_csv(fh):
         text = io.TextIOWrapper(fh, newline="", encoding="utf-8")
@@ -153,12 +143,12 @@ def write_reports(frame: Frame, analysis: Analysis, out_dir: Path, *, save_proba
         text.flush()
         text.detach()  # leave the binary handle open for fsync
 
-    _atomic_write(paths[1], write_csv)
+    write_atomic(paths[1], write_csv)
     overlay = overlay_image(frame, analysis)
-    _atomic_write(paths[2], lambda fh: overlay.save(fh, format="PNG"))
+    write_atomic(paths[2], lambda fh: overlay.save(fh, format="PNG"))
     if save_probability:
         if analysis.probability is None:
             raise ValueError(f"{frame.frame_id}: probability map was not kept; analyse with keep_probability=True")
         paths.append(out_dir / f"{frame.name}_probability.npy")
-        _atomic_write(paths[-1], lambda fh: np.save(fh, analysis.probability.astype(np.float32)))
+        write_atomic(paths[-1], lambda fh: np.save(fh, analysis.probability.astype(np.float32)))
     return paths

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from latticewatch.atomic import write_atomic
 from latticewatch.frame import Analysis, Frame
 from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule
 
@@ -44,16 +44,6 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("inde
 
 def _static(name: str) -> bytes:
     return resources.files("latticewatch.sinks.dashboard").joinpath("static", name).read_bytes()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp name (a dotfile, ignored by the folder source) + fsync + rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class _Client:
