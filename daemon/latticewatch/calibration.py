@@ -14,6 +14,7 @@ none is it looked up here by the frame's magnification. Files live in ``calibrat
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class MagnificationStep(BaseModel):
 
     magnification: float = Field(gt=0, description="nominal magnification as the microscope reports it")
     pixel_size_nm: float = Field(gt=0, lt=100, description="measured sampling at this magnification")
+    source: str | None = Field(None, description="how this step was measured, when it differs from the file's source")
 
 
 class InstrumentCalibration(BaseModel):
@@ -83,6 +85,36 @@ def load_calibration(path: str | Path) -> InstrumentCalibration:
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise CalibrationError(f"{path}: {problems}") from None
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    # a JSON string is a valid TOML basic string (same escapes)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def calibration_toml(calibration: InstrumentCalibration, comments: list[str] | tuple[str, ...] = ()) -> str:
+    """The TOML text of a calibration, steps sorted by magnification, ``comments`` on top.
+
+    Examples
+    --------
+    >>> cal = InstrumentCalibration(instrument="X", camera="Y", source="test",
+    ...                             steps=[{"magnification": 1e6, "pixel_size_nm": 0.02}])
+    >>> InstrumentCalibration.model_validate(tomllib.loads(calibration_toml(cal))) == cal
+    True
+    """
+    lines = [c if c.startswith("#") else f"# {c}" for c in comments]
+    data = calibration.model_dump(exclude_none=True)
+    steps = sorted(data.pop("steps"), key=lambda s: s["magnification"])
+    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items()]
+    for step in steps:
+        lines += ["", "[[steps]]"] + [f"{key} = {_toml_value(value)}" for key, value in step.items()]
+    return "\n".join(lines) + "\n"
 
 
 def frame_magnification(frame: Frame) -> float | None:
