@@ -90,3 +90,14 @@ def test_large_regions_and_unknown_pixel_size():
     for px in (0.05, None):
         feats = region_features(image, np.ones_like(image, bool), px)
         assert np.isfinite(list(feats.values())).all()
+
+
+def test_large_region_with_an_empty_centre_still_has_finite_features():
+    # a 400×400 ring: the centred FFT_SIZE window would hold no region pixel
+    yy, xx = np.mgrid[:400, :400]
+    radius = np.hypot(yy - 200, xx - 200)
+    ring = (radius > 180) & (radius < 195)
+    image = np.random.default_rng(1).random((400, 400)).astype(np.float32)
+    feats = region_features(image, ring, 0.05)
+    assert all(np.isfinite(v) for v in feats.values())
+    assert feats["real_mean"] == pytest.approx(float(image[ring].mean()), abs=0.05)

@@ -79,7 +79,12 @@ def region_features(image: np.ndarray, region_mask: np.ndarray, pixel_size_nm: f
     """
     h, w = image.shape
     if h > FFT_SIZE or w > FFT_SIZE:
-        r0, c0 = max(0, (h - FFT_SIZE) // 2), max(0, (w - FFT_SIZE) // 2)
+        # centre the window on the region pixel nearest the centroid: the bbox centre of a large
+        # ring- or L-shaped agglomerate can hold no region pixels at all
+        rows, cols = np.nonzero(region_mask)
+        nearest = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
+        r0 = int(np.clip(rows[nearest] - FFT_SIZE // 2, 0, max(0, h - FFT_SIZE)))
+        c0 = int(np.clip(cols[nearest] - FFT_SIZE // 2, 0, max(0, w - FFT_SIZE)))
         image = image[r0 : r0 + FFT_SIZE, c0 : c0 + FFT_SIZE]
         region_mask = region_mask[r0 : r0 + FFT_SIZE, c0 : c0 + FFT_SIZE]
     values = image[region_mask].astype(np.float64)
