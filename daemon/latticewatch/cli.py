@@ -115,24 +115,64 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    try:
-        from latticewatch.training.profile import build_synthetic_profile
-        from latticewatch.training.train_unet import UNetTrainingConfig
-    except ImportError as err:
-        print(f"error: training needs torch (pip install torch==2.13.0 && pip install '.[train]'): {err}", file=sys.stderr)
+    from latticewatch.training import train_cli
+
+    if args.images is None and (args.labels or args.val_images or args.val_labels):
+        print("error: --labels/--val-images/--val-labels need --images", file=sys.stderr)
         return EXIT_USAGE
-    config = UNetTrainingConfig(
-        widths=tuple(args.widths), learning_rate=args.lr, max_steps=args.steps, batch_size=args.batch_size,
-        seed=args.seed, threads=args.threads,
-    )
-    manifest = build_synthetic_profile(
-        args.out, name=args.name, n_frames=args.synthetic, n_regions_per_class=args.regions_per_class,
-        pixel_size_nm=args.pixel_size_nm, config=config, progress=_progress_enabled(),
-        command="latticewatch " + shlex.join(args.argv),
-    )
-    seg, clf = manifest.training["segmentation"].metrics, manifest.training["classifier"].metrics
-    print(f"profile {manifest.name} written to {args.out}: validation Dice {seg['val_dice']:.3f}, "
-          f"forest balanced accuracy {clf['balanced_accuracy']:.3f}")
+    if args.images is not None and (args.labels is None or args.synthetic is not None):
+        print("error: --images needs --labels and excludes --synthetic", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.val_images is None) != (args.val_labels is None):
+        print("error: give both --val-images and --val-labels", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from latticewatch.training.profile import build_labelled_profile, build_synthetic_profile
+
+        config = train_cli.training_config(args, augment="dihedral" if args.images is None else "rotate")
+    except ImportError as err:
+        print(f"error: {train_cli.TORCH_HINT}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as err:  # widths that do not fit the architecture
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    command = "latticewatch " + shlex.join(args.argv)
+    progress = _progress_enabled()
+    if args.images is None:
+        if args.pixel_size_nm == "none" or (args.normalisation or "max") != "max":
+            print("error: --synthetic profiles use max normalisation at a known pixel size", file=sys.stderr)
+            return EXIT_USAGE
+        manifest = build_synthetic_profile(
+            args.out, name=args.name, n_frames=args.synthetic or 300, n_regions_per_class=args.regions_per_class,
+            pixel_size_nm=args.pixel_size_nm or 0.05, config=config, progress=progress, command=command,
+        )
+        seg, clf = manifest.training["segmentation"].metrics, manifest.training["classifier"].metrics
+        print(f"profile {manifest.name} written to {args.out}: validation Dice {seg['val_dice']:.3f}, "
+              f"forest balanced accuracy {clf['balanced_accuracy']:.3f}")
+        return EXIT_OK
+
+    from latticewatch.training.labelled import LabelledDataError
+    from latticewatch.training.train_unet import CheckpointError
+
+    try:
+        isolation = json.loads(args.isolation) if args.isolation else None
+        cvs = [train_cli.load_cross_validation(path) for path in args.cross_validation]
+        manifest = build_labelled_profile(
+            args.out, name=args.name, images_dir=args.images, labels_dir=args.labels, config=config,
+            normalisation=args.normalisation or "max", pixel_size_nm=args.pixel_size_nm, command=command,
+            val_fraction=args.val_fraction, val_dirs=(args.val_images, args.val_labels) if args.val_images else None,
+            foreground=args.foreground, description=args.description, isolation=isolation,
+            archive=None if args.low_value_class is None else {"low_value_class": args.low_value_class},
+            cross_validation=cvs, resume=args.resume, progress=progress,
+        )
+    except (LabelledDataError, CheckpointError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    metrics = manifest.training["segmentation"].metrics
+    scores = metrics.get("validation")
+    summary_line = (f"validation Dice {scores['dice']:.3f}, Jaccard {scores['jaccard']:.3f} on {scores['n_images']} images"
+                    if scores else f"{metrics['steps']} steps on all {metrics['n_train_images']} images, no validation split")
+    print(f"profile {manifest.name} ({config.architecture}) written to {args.out}: {summary_line}")
     return EXIT_OK
 
 
@@ -220,22 +260,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train a profile (U-Net + forest) on synthetic frames",
-        description="Generate analytic HRTEM frames, train the U-Net (cross-entropy + Dice, Adam, early stopping on "
-        "validation Dice) and the 500-tree forest, export ONNX + safetensors + skops and write a manifest with "
-        "the metrics and this command. Needs the [train] extra (torch).",
+        help="train a profile: on labelled images (--images/--labels) or on synthetic frames",
+        description="With --images/--labels: train a segmentation net on labelled micrographs (any readable format; "
+        "masks non-zero = foreground), preprocessed exactly as the analyser will (resampling to --pixel-size-nm, "
+        "3×3 median, --normalisation), with random rotations (0–360°) and flips, cross-entropy + Dice loss, Adam, "
+        "early stopping on a validation split that holds out whole series; writes a segmentation-only profile. "
+        "Without: generate analytic HRTEM frames and train the U-Net and the 500-tree stacking-fault forest. "
+        "Either way: ONNX + safetensors (+ skops) and a manifest with the metrics and this command. "
+        "Needs the [train] extra (torch).",
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="profile directory to write")
     p.add_argument("--name", default="nanoparticles", help="profile name (default: %(default)s)")
-    p.add_argument("--synthetic", type=int, default=300, metavar="N", help="training frames to generate (default: %(default)s)")
-    p.add_argument("--regions-per-class", type=int, default=300, help="forest training regions per class (default: %(default)s)")
-    p.add_argument("--pixel-size-nm", type=float, default=0.05, help="model pixel size in nm (default: %(default)s)")
-    p.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16, 32], help="U-Net filters per level (default: 4 8 16 32)")
-    p.add_argument("--steps", type=int, default=2000, help="maximum optimiser steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("labelled data")
+    g.add_argument("--images", type=Path, metavar="DIR", help="training images")
+    g.add_argument("--labels", type=Path, metavar="DIR", help="masks with the same file stems")
+    g.add_argument("--val-images", type=Path, metavar="DIR", help="separate validation images (instead of --val-fraction)")
+    g.add_argument("--val-labels", type=Path, metavar="DIR", help="masks of --val-images")
+    g.add_argument("--foreground", default="particle", help="what the foreground class is (default: %(default)s)")
+    g.add_argument("--description", default="", help="profile description for the manifest")
+    g.add_argument("--isolation", metavar="JSON", help='isolation rules for the manifest, e.g. \'{"min_area_nm2": 0.5}\'')
+    g.add_argument("--low-value-class", type=int, choices=(0, 1), default=None,
+                   help="class-mask value the archive may reduce (default: 0, the background)")
+    g.add_argument("--cross-validation", type=Path, nargs="+", default=[], metavar="CV.json",
+                   help="record these cross-validate results in the manifest (this architecture's, and variants compared)")
+    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors of an interrupted run")
+    g = p.add_argument_group("synthetic data")
+    g.add_argument("--synthetic", type=int, default=None, metavar="N", help="training frames to generate (default: 300)")
+    g.add_argument("--regions-per-class", type=int, default=300, help="forest training regions per class (default: %(default)s)")
+    from latticewatch.training import train_cli
+
+    train_cli.add_training_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -273,7 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     from latticewatch.sinks import archive_cli
 
     archive_cli.register(sub)
+    from latticewatch.training import simulate_cli; simulate_cli.register(sub)  # noqa: E702  simulate (abTEM imported lazily)
+    train_cli.register(sub)  # cross-validate
+    from latticewatch.runtime import sort_cli; sort_cli.register(sub)  # noqa: E702
     from latticewatch.runtime import daemon_cli; daemon_cli.register(sub)  # noqa: E702  run | demo | check-config | replay
+    from latticewatch.training import evaluate_cli; evaluate_cli.register(sub)  # noqa: E702  evaluate
+    from latticewatch.training import calibrate_cli; calibrate_cli.register(sub)  # noqa: E702  calibrate …
+    from latticewatch.training import train_classifier_cli; train_classifier_cli.register(sub)  # noqa: E702  train-classifier
     return parser
 
 

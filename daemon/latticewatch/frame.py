@@ -101,6 +101,13 @@ class Analysis:
         """Fraction of the frame's pixels segmented as particle."""
         return float(np.count_nonzero(self.mask)) / self.mask.size
 
+    @property
+    def content_ratio(self) -> float:
+        """Fraction of the frame's pixels *not* in the foreground class, ``1 − coverage``: for
+        the graphene profile (foreground = contamination) the clean-graphene fraction, the part
+        of the frame a lattice study can use (Sadre et al. 2021 rank frames by it)."""
+        return 1.0 - self.coverage
+
     def class_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(CLASSES, 0)
         for region in self.regions:

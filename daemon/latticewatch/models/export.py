@@ -1,4 +1,8 @@
-"""Export a trained U-Net to ONNX for inference (needs torch: the ``[train]`` extra)."""
+"""Export a trained segmentation net to ONNX for inference (needs torch: the ``[train]`` extra).
+
+Any net of ``models.architectures`` can be exported: they all expose ``decoder_output``, a 1×1
+two-class ``head`` and a linear spatial ``finish`` (identity, or upsampling for the FPN).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from latticewatch.models.unet import UNet
 
 
 class ParticleProbability(nn.Module):
-    """The U-Net with its 2-class softmax rewritten as one sigmoid of the logit difference.
+    """The net with its 2-class softmax rewritten as one sigmoid of the logit difference.
 
     softmax([l0, l1])[1] == sigmoid(l1 - l0) exactly, and folding the difference into the 1×1 head
     (weights w1 - w0, bias b1 - b0) halves the head and removes a channel-axis softmax that ONNX
-    Runtime runs slowly (~60 ms of ~190 ms on a 1024² frame).
+    Runtime runs slowly (~60 ms of ~190 ms on a 1024² frame). ``finish`` (e.g. the FPN's bilinear
+    upsampling) is linear and acts per channel, so it commutes with taking the difference.
     """
 
-    def __init__(self, net: UNet):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
         head = net.head
@@ -31,12 +35,18 @@ class ParticleProbability(nn.Module):
             self.head.bias.copy_(head.bias[1:2] - head.bias[0:1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.net.decoder_output(x)))
+        return torch.sigmoid(self.net.finish(self.head(self.net.decoder_output(x))))
 
 
-def export_onnx(net: UNet, path: str | os.PathLike, *, opset: int = 17) -> None:
+def export_onnx(net: nn.Module, path: str | os.PathLike, *, opset: int = 17) -> None:
     """Write ``net`` (in eval mode) as ONNX with input ``image`` and output ``particle_probability``,
-    both (N, 1, H, W) with dynamic batch and spatial sizes (multiples of ``net.divisor``)."""
+    both (N, 1, H, W) with dynamic batch and spatial sizes (multiples of ``net.divisor``).
+
+    Examples
+    --------
+    >>> from latticewatch.models.architectures import build_net
+    >>> export_onnx(build_net("resnet18-unet"), "net.onnx")  # doctest: +SKIP
+    """
     wrapper = ParticleProbability(net.eval()).eval()
     example = torch.zeros(1, 1, 4 * net.divisor, 4 * net.divisor)
     with warnings.catch_warnings():
@@ -54,7 +64,7 @@ def export_onnx(net: UNet, path: str | os.PathLike, *, opset: int = 17) -> None:
         )
 
 
-def torch_probability(net: UNet, image: np.ndarray) -> np.ndarray:
+def torch_probability(net: nn.Module, image: np.ndarray) -> np.ndarray:
     """Eager torch reference in float64: particle probability of a 2-D image (sides divisible).
 
     Double precision makes it the exact answer that any float32 backend is compared with; two

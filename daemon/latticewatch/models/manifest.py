@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from latticewatch.frame import CLASSES
+from latticewatch.models import architectures
 from latticewatch.stages.isolate import IsolationParams
 from latticewatch.stages.preprocess import Normalisation
 
@@ -25,11 +26,25 @@ class _Strict(BaseModel):
 class SegmentationModel(_Strict):
     onnx: str = Field(description="ONNX file: input 'image' (N,1,H,W) float32 → particle probability (N,1,H,W)")
     weights: str | None = Field(None, description="safetensors file of the torch weights, for retraining")
+    architecture: Literal["unet", "resnet18-unet", "fpn"] = Field("unet", description="network of models.architectures")
     widths: tuple[int, ...] = (4, 8, 16, 32)
     pixel_size_nm: float | None = Field(gt=0, description="pixel size the network was trained at")
     normalisation: Normalisation = "max"
     threshold: float = Field(0.5, ge=0, le=1)
     foreground: str = Field("particle", description="what the probability is of")
+
+    @model_validator(mode="after")
+    def _widths_fit_architecture(self) -> "SegmentationModel":
+        try:
+            architectures.check(self.architecture, self.widths)
+        except architectures.ArchitectureError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def divisor(self) -> int:
+        """Input sides of the ONNX model must be multiples of this."""
+        return architectures.divisor(self.architecture, self.widths)
 
 
 class ClassifierModel(_Strict):
@@ -59,6 +74,11 @@ class Manifest(_Strict):
     isolation: IsolationParams = IsolationParams()
     archive: ArchiveRules = ArchiveRules()
     training: dict[str, Training] = {}
+    baselines: dict[str, dict[str, Any]] = Field(
+        {},
+        description="classical baselines (otsu, fourier, bragg) fitted for this profile by `latticewatch calibrate "
+        "baselines`, used by `latticewatch evaluate`; parameters as latticewatch.training.baselines writes them",
+    )
 
     @field_validator("files")
     @classmethod
@@ -67,6 +87,15 @@ class Manifest(_Strict):
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"files.{name}: expected a 64-character lowercase sha256, got {digest!r}")
         return files
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "Manifest":
+        # isolation applies the threshold, evaluate and calibrate report it from segmentation:
+        # two values that drifted apart would make the measured metrics describe another mask
+        if self.segmentation.threshold != self.isolation.threshold:
+            raise ValueError(f"segmentation.threshold ({self.segmentation.threshold}) and isolation.threshold "
+                             f"({self.isolation.threshold}) must be equal; set both to the calibrated value")
+        return self
 
 
 def sha256_of(path: Path) -> str:

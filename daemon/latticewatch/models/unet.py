@@ -95,7 +95,12 @@ class UNet(nn.Module):
             x = level(x, skip)
         return x
 
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """Spatial step after the head (none: the U-Net decodes to full resolution)."""
+        return logits
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, n_classes, H, W)."""
         return self.head(self.decoder_output(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

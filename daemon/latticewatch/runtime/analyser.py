@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from latticewatch.frame import Analysis, Frame, Region
+from latticewatch.models.architectures import receptive_field
 from latticewatch.models.backends import SegmentationBackend
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
 from latticewatch.runtime.plugins import resolve_profile
@@ -145,8 +146,8 @@ class Analyser:
         ``max_pixels`` together go through the backend as one batch; the others one by one
         (tiled when large). Each frame is charged its share of the batch's time.
         """
-        levels = len(self.manifest.segmentation.widths)
-        divisor = 2**levels
+        seg = self.manifest.segmentation
+        divisor, rf = seg.divisor, receptive_field(seg.architecture, seg.widths)
         out: list[np.ndarray | None] = [None] * len(prepared)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(prepared):
@@ -160,7 +161,8 @@ class Analyser:
                 for i, (_, (h, w)), prob in zip(members, padded, probs):
                     out[i] = prob[0, :h, :w]
             else:
-                out[members[0]] = segment(prepared[members[0]].pre.image, self.backend, levels=levels, max_pixels=self.max_pixels)
+                out[members[0]] = segment(prepared[members[0]].pre.image, self.backend, max_pixels=self.max_pixels,
+                                          divisor=divisor, receptive_field_px=rf)
             share = (time.perf_counter() - start) / len(members)
             for i in members:
                 prepared[i].timings["segment"] = prepared[i].timings.get("segment", 0.0) + share

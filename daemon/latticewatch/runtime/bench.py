@@ -34,14 +34,14 @@ class NaivePipeline:
         import torch
         from safetensors.torch import load_file
 
-        from latticewatch.models.unet import UNet
+        from latticewatch.models.architectures import build_net
         from latticewatch.stages.classify import load_forest
 
         self.torch = torch
-        self.net = UNet(manifest.segmentation.widths)
+        self.net = build_net(manifest.segmentation.architecture, manifest.segmentation.widths)
         self.net.load_state_dict(load_file(str(directory / manifest.segmentation.weights)))
         self.net.eval()
-        self.forest = load_forest(directory / manifest.classifier.skops)
+        self.forest = load_forest(directory / manifest.classifier.skops) if manifest.classifier else None
         self.threshold = manifest.segmentation.threshold
         # the seed pipeline works at the camera's sampling: the same radii in nm are more pixels
         self.open_px = round(manifest.isolation.opening_radius_nm / BENCH_PIXEL_SIZE_NM)
@@ -70,7 +70,8 @@ class NaivePipeline:
             profile = [power[radius == k].mean() for k in range(128)]
             com = sum(k * p for k, p in enumerate(profile)) / sum(profile)
             feats = [[np.mean(profile), np.std(profile), com, region.intensity_mean, float(np.std(region.image_intensity[region.image]))]]
-            self.forest.predict_proba(feats)
+            if self.forest is not None:
+                self.forest.predict_proba(feats)
             n += 1
         return n
 

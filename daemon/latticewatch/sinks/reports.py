@@ -49,7 +49,11 @@ def _json_default(value: Any) -> Any:
 
 
 def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
-    """One line of the run summary (also the top of the per-frame JSON)."""
+    """One line of the run summary (also the top of the per-frame JSON).
+
+    ``coverage`` is the fraction of pixels in the profile's foreground class (particles,
+    contamination); ``content_ratio`` the rest (1 − coverage), e.g. the clean-graphene fraction.
+    """
     return {
         "frame_id": frame.frame_id,
         "name": frame.name,
@@ -57,6 +61,7 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
         "pixel_size_nm": frame.pixel_size_nm,
         "particles": len(analysis.regions),
         "coverage": round(analysis.coverage, 5),
+        "content_ratio": round(analysis.content_ratio, 5),  # 1 − coverage: clean graphene for the graphene profile
         "class_counts": analysis.class_counts(),
         "defect_fraction": analysis.defect_fraction,
         "mean_confidence": round(analysis.mean_confidence, 5),

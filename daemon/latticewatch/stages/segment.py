@@ -27,6 +27,8 @@ def segment(
     *,
     levels: int = 4,
     max_pixels: int = 2048 * 2048,
+    divisor: int | None = None,
+    receptive_field_px: int | None = None,
 ) -> np.ndarray:
     """Particle probability for a preprocessed float32 image, same shape as the input.
 
@@ -35,18 +37,22 @@ def segment(
     tile origins sit on the network's pooling grid, so the stitched result equals the
     whole-frame result.
 
+    ``levels`` describes the paper's U-Net; other architectures pass their ``divisor`` and
+    ``receptive_field_px`` (see ``models.architectures``) instead.
+
     Examples
     --------
     >>> prob = segment(np.zeros((100, 120), np.float32), backend)  # doctest: +SKIP
     >>> prob.shape  # doctest: +SKIP
     (100, 120)
     """
-    divisor = 2**levels
+    divisor = divisor or 2**levels
     padded, (h, w) = pad_to_multiple(image, divisor)
     if padded.size <= max_pixels:
         return backend.predict(padded[None, None])[0, 0, :h, :w]
 
-    margin = -(-receptive_field(levels) // 2 // divisor) * divisor + divisor
+    rf = receptive_field_px or receptive_field(levels)
+    margin = -(-rf // 2 // divisor) * divisor + divisor
     core = max(divisor, (int(np.sqrt(max_pixels)) - 2 * margin) // divisor * divisor)
     out = np.empty((h, w), np.float32)
     ph, pw = padded.shape
