@@ -81,7 +81,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         json.dump({"frames": rows, "failures": failures, "out": str(args.out)}, sys.stdout, indent=2)
         print()
     else:
-        _print_table(rows)
+        _print_table(rows, classified=analyser.manifest.classifier is not None)
         print(f"{len(rows)} frame(s) analysed, {len(failures)} failed; results in {args.out}")
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
@@ -97,18 +97,25 @@ def _archive_frame(archive, frame, analysis, failures: list[dict]) -> None:
         print(f"error: {frame.frame_id}: not archived: {err}", file=sys.stderr)
 
 
-def _print_table(rows: list[dict]) -> None:
+def _print_table(rows: list[dict], *, classified: bool = True) -> None:
+    """The run summary; a profile without a classifier (e.g. graphene) gets regions and content ratio
+    instead of the five class columns, which would all read 0."""
     if not rows:
         return
-    head = ["frame", "px (nm)", "particles", "cover", "SF", "noSF", "mis", "aggl", "empty", "defect frac", "ms"]
+    if classified:
+        head = ["frame", "px (nm)", "particles", "cover", "SF", "noSF", "mis", "aggl", "empty", "defect frac", "ms"]
+    else:
+        head = ["frame", "px (nm)", "regions", "cover", "content ratio", "ms"]
     table = [head]
     for r in rows:
-        c = r["class_counts"]
-        table.append([
-            r["name"], f"{r['pixel_size_nm']:.4f}" if r["pixel_size_nm"] else "?", str(r["particles"]), f"{r['coverage']:.1%}",
-            str(c["stacking_fault"]), str(c["no_stacking_fault"]), str(c["misoriented"]), str(c["agglomeration"]), str(c["empty"]),
-            "–" if r["defect_fraction"] is None else f"{r['defect_fraction']:.2f}", f"{1000 * r['seconds']:.0f}",
-        ])
+        start = [r["name"], f"{r['pixel_size_nm']:.4f}" if r["pixel_size_nm"] else "?", str(r["particles"]), f"{r['coverage']:.1%}"]
+        if classified:
+            c = r["class_counts"]
+            middle = [str(c["stacking_fault"]), str(c["no_stacking_fault"]), str(c["misoriented"]), str(c["agglomeration"]), str(c["empty"]),
+                      "–" if r["defect_fraction"] is None else f"{r['defect_fraction']:.2f}"]
+        else:
+            middle = [f"{r['content_ratio']:.1%}"]
+        table.append(start + middle + [f"{1000 * r['seconds']:.0f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))

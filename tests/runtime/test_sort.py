@@ -65,3 +65,12 @@ def test_sort_table_descending_and_a_bad_file(tmp_path, graphene_profile, capsys
 def test_sort_refuses_a_missing_directory(tmp_path, graphene_profile, capsys):
     assert main(["sort", str(tmp_path / "nosuch"), "--profile", graphene_profile]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_process_table_of_a_profile_without_classifier_shows_content_ratio(tmp_path, capsys):
+    image = sorted((DATA / "images").glob("*.png"))[0]
+    assert main(["process", str(image), "--profile", "graphene", "--out", str(tmp_path)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "content ratio" in header and "SF" not in header
+    report = json.loads((tmp_path / f"{image.stem}.json").read_text())
+    assert row.split()[-2] == f"{report['content_ratio']:.1%}"
