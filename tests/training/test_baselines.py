@@ -18,9 +18,9 @@ from latticewatch.training.baselines import (
     best_threshold,
     make_baseline,
     otsu_threshold,
-    pooled_dice,
 )
 from latticewatch.training.labelled import group_folds, load_labelled
+from latticewatch.training.metrics import pooled_dice
 from latticewatch.training.synthetic import generate_frame
 
 GRAPHENE = Path("/work/shared/data/graphene-contamination")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from latticewatch.training.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics
+from latticewatch.training.metrics import METRIC_KEYS, PixelCounts, counts_above, segmentation_metrics
 
 
 def _sklearn(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -67,3 +67,15 @@ def test_counts_add_and_shapes_must_match():
     assert a + b == PixelCounts(11, 22, 33, 44)
     with pytest.raises(ValueError, match="shape"):
         PixelCounts.of(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+def test_counts_above_equal_thresholding_each_image():
+    rng = np.random.default_rng(4)
+    scores = [rng.random((20, 30)).astype(np.float32) for _ in range(3)]
+    truths = [rng.random((20, 30)) < 0.3 for _ in range(3)]
+    thresholds = np.array([0.1, 0.25, 0.5, 0.9])
+    fg_above, bg_above, n_fg, n_bg = counts_above(scores, truths, thresholds)
+    for i, t in enumerate(thresholds):
+        pooled = PixelCounts.pooled([s >= t for s in scores], truths)
+        assert (fg_above[i], bg_above[i]) == (pooled.tp, pooled.fp)
+        assert (n_fg, n_bg) == (pooled.tp + pooled.fn, pooled.fp + pooled.tn)

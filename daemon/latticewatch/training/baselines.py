@@ -37,6 +37,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from latticewatch.stages.preprocess import median3x3
+from latticewatch.training.metrics import counts_above, pooled_dice
 
 log = logging.getLogger("latticewatch.training.baselines")
 
@@ -86,21 +87,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:-1][int(np.argmax(between))])
 
 
-def pooled_dice(predictions: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
-    """Dice over all pixels of a set (not a mean of per-image Dice)."""
-    tp = fp = fn = 0
-    for p, t in zip(predictions, masks):
-        p, t = np.asarray(p, bool), np.asarray(t, bool)
-        inter = int(np.count_nonzero(p & t))
-        tp, fp, fn = tp + inter, fp + int(np.count_nonzero(p)) - inter, fn + int(np.count_nonzero(t)) - inter
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-
-
 def best_threshold(scores: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[float, str, float]:
     """The global threshold and side (``"above"``/``"below"``) maximising pooled Dice.
 
-    Candidate thresholds are quantiles of the pooled scores; the counts for all of them come
-    from one ``searchsorted`` per image, so a sweep costs about as much as one histogram.
+    Candidate thresholds are quantiles of the pooled scores, all counted in one sweep
+    (:func:`~latticewatch.training.metrics.counts_above`).
 
     Returns
     -------
@@ -110,17 +101,7 @@ def best_threshold(scores: Sequence[np.ndarray], masks: Sequence[np.ndarray]) ->
     flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores])
     step = max(1, flat.size // _QUANTILE_SAMPLE)
     candidates = np.unique(np.quantile(flat[::step], _THRESHOLD_QUANTILES))
-    k = candidates.size
-    fg_bins = np.zeros(k + 1, np.int64)
-    bg_bins = np.zeros(k + 1, np.int64)
-    for s, m in zip(scores, masks):
-        m = np.asarray(m, bool)
-        # bin j holds scores with exactly j candidates <= score, so score >= t_i  <=>  bin > i
-        fg_bins += np.bincount(np.searchsorted(candidates, s[m], side="right"), minlength=k + 1)
-        bg_bins += np.bincount(np.searchsorted(candidates, s[~m], side="right"), minlength=k + 1)
-    fg_above = np.cumsum(fg_bins[::-1])[::-1][1:]  # pixels with score >= candidates[i]
-    bg_above = np.cumsum(bg_bins[::-1])[::-1][1:]
-    n_fg, n_bg = int(fg_bins.sum()), int(bg_bins.sum())
+    fg_above, bg_above, n_fg, n_bg = counts_above(scores, masks, candidates)
     best = (float(candidates[0]), "above", -1.0)
     for side, tp, fp in (("above", fg_above, bg_above), ("below", n_fg - fg_above, n_bg - bg_above)):
         fn = n_fg - tp

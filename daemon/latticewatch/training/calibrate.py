@@ -39,6 +39,7 @@ from latticewatch.calibration import (
     load_calibration,
 )
 from latticewatch.models.manifest import Manifest, ManifestError, read_manifest
+from latticewatch.training.metrics import PixelCounts, counts_above, pooled_dice, segmentation_metrics
 
 log = logging.getLogger("latticewatch.training.calibrate")
 
@@ -86,20 +87,7 @@ def threshold_counts(probabilities: Sequence[np.ndarray], truths: Sequence[np.nd
     list of PixelCounts
         One per threshold, summed over all images.
     """
-    from latticewatch.training.metrics import PixelCounts
-
-    thresholds = np.asarray(thresholds, np.float64)
-    k = thresholds.size
-    fg = np.zeros(k + 1, np.int64)
-    bg = np.zeros(k + 1, np.int64)
-    for p, t in zip(probabilities, truths):
-        t = np.asarray(t, bool)
-        # side="right": p == threshold counts as foreground, as `p >= t` in evaluate does
-        fg += np.bincount(np.searchsorted(thresholds, p[t], side="right"), minlength=k + 1)
-        bg += np.bincount(np.searchsorted(thresholds, p[~t], side="right"), minlength=k + 1)
-    fg_above = np.cumsum(fg[::-1])[::-1][1:]
-    bg_above = np.cumsum(bg[::-1])[::-1][1:]
-    n_fg, n_bg = int(fg.sum()), int(bg.sum())
+    fg_above, bg_above, n_fg, n_bg = counts_above(probabilities, truths, np.asarray(thresholds, np.float64))
     return [PixelCounts(int(tp), int(fp), n_fg - int(tp), n_bg - int(fp)) for tp, fp in zip(fg_above, bg_above)]
 
 
@@ -141,7 +129,6 @@ def calibrate_threshold(
     from latticewatch.runtime.analyser import Analyser
     from latticewatch.training.evaluate import run_model
     from latticewatch.training.labelled import load_labelled
-    from latticewatch.training.metrics import PixelCounts, segmentation_metrics
 
     directory = profile_directory(profile)
     analyser = Analyser(directory, threads=threads)
@@ -155,8 +142,7 @@ def calibrate_threshold(
     dice = np.array([segmentation_metrics(c)["dice"] for c in counts])
     best = np.flatnonzero(dice >= dice.max() - 1e-12)
     new = float(THRESHOLD_GRID[best[np.argmin(np.abs(THRESHOLD_GRID[best] - old))]])
-    before = sum((PixelCounts.of(p >= old, t) for p, t in zip(probabilities, truths)), PixelCounts())
-    dice_before = segmentation_metrics(before)["dice"]
+    dice_before = pooled_dice([p >= old for p in probabilities], truths)
     dice_after = float(dice.max())
 
     def change(m: dict[str, Any]) -> None:

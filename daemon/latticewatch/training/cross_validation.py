@@ -177,7 +177,7 @@ def cross_validate(
             else:
                 train = prepared.subset(train_names)
                 baseline = make_baseline(name).fit(train.images, train.masks)
-                b_counts = sum((PixelCounts.of(baseline.predict(x), m) for x, m in zip(test.images, test.masks)), PixelCounts())
+                b_counts = PixelCounts.pooled((baseline.predict(x) for x in test.images), test.masks)
                 b_entry = {"fold": k, "n_test": len(test_names), "n_train": len(train_names), "params": baseline.to_dict(),
                            "metrics": segmentation_metrics(b_counts)}
             result["baselines"][name]["per_fold"].append(b_entry)

@@ -7,6 +7,7 @@ score is computed from summed confusion counts, never as a mean of per-image sco
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,11 @@ class PixelCounts:
         tp = int(np.count_nonzero(p & t))
         n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
         return cls(tp, n_p - tp, n_t - tp, p.size - n_p - n_t + tp)
+
+    @classmethod
+    def pooled(cls, predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray]) -> "PixelCounts":
+        """Counts summed over every (prediction, truth) pair of a set."""
+        return sum((cls.of(p, t) for p, t in zip(predictions, truths)), cls())
 
     def __add__(self, other: "PixelCounts") -> "PixelCounts":
         return PixelCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
@@ -64,3 +70,33 @@ def segmentation_metrics(counts: PixelCounts) -> dict:
         "balanced_accuracy": (recall + specificity) / 2,
         "confusion_matrix": [[tn, fp], [fn, tp]],
     }
+
+
+def pooled_dice(predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray]) -> float:
+    """Dice over all pixels of a set (not a mean of per-image Dice)."""
+    return segmentation_metrics(PixelCounts.pooled(predictions, truths))["dice"]
+
+
+def counts_above(scores: Sequence[np.ndarray], truths: Sequence[np.ndarray], thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """For every ``t`` of the sorted ``thresholds``: the foreground and the background pixels with
+    ``score >= t``, pooled over the set, and the totals of each.
+
+    One ``searchsorted`` per image gives the counts at every threshold, so a whole sweep costs
+    about as much as one histogram.
+
+    Returns
+    -------
+    (fg_above, bg_above, n_fg, n_bg)
+    """
+    thresholds = np.asarray(thresholds)
+    k = thresholds.size
+    fg_bins, bg_bins = np.zeros(k + 1, np.int64), np.zeros(k + 1, np.int64)
+    for s, m in zip(scores, truths):
+        m = np.asarray(m, bool)
+        # bin j holds scores with exactly j thresholds <= score, so score >= t_i  <=>  bin > i
+        # (side="right": a score equal to a threshold is foreground, as `p >= t` elsewhere)
+        fg_bins += np.bincount(np.searchsorted(thresholds, s[m], side="right"), minlength=k + 1)
+        bg_bins += np.bincount(np.searchsorted(thresholds, s[~m], side="right"), minlength=k + 1)
+    fg_above = np.cumsum(fg_bins[::-1])[::-1][1:]
+    bg_above = np.cumsum(bg_bins[::-1])[::-1][1:]
+    return fg_above, bg_above, int(fg_bins.sum()), int(bg_bins.sum())

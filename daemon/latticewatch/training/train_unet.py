@@ -26,7 +26,7 @@ from tqdm import tqdm
 from latticewatch.models.architectures import build_net
 from latticewatch.stages.preprocess import pad_to_multiple
 from latticewatch.training.datasets import random_dihedral, random_rotation_crop
-from latticewatch.training.metrics import PixelCounts
+from latticewatch.training.metrics import pooled_dice
 
 log = logging.getLogger("latticewatch.training.train_unet")
 
@@ -79,9 +79,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def dice_score(prob: np.ndarray | Sequence[np.ndarray], mask: np.ndarray | Sequence[np.ndarray], threshold: float = 0.5) -> float:
     """Dice over all pixels of a set (as the papers report it)."""
-    counts = sum((PixelCounts.of(p >= threshold, m) for p, m in zip(prob, mask)), PixelCounts())
-    denom = 2 * counts.tp + counts.fp + counts.fn
-    return float(2 * counts.tp / denom) if denom else 1.0
+    return pooled_dice((p >= threshold for p in prob), mask)
 
 
 def predict_images(net: nn.Module, images: Sequence[np.ndarray], batch: int = 4) -> list[np.ndarray]:
