@@ -8,21 +8,31 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def random_unet():
-    """A 4-8-16-32 U-Net with randomised batch-norm statistics (so BN is not the identity)."""
+def randomised_net():
+    """``build(arch, widths, seed=0)``: an eval-mode segmentation net whose batch-norm layers are not
+    the identity (random statistics), so export and parity tests exercise them."""
     torch = pytest.importorskip("torch")
-    from latticewatch.models.unet import UNet
+    from latticewatch.models.architectures import build_net
 
-    torch.manual_seed(0)
-    net = UNet()
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return net.eval()
+    def build(arch: str, widths, seed: int = 0):
+        torch.manual_seed(seed)
+        net = build_net(arch, widths)
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.uniform_(-0.2, 0.2)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.2, 0.2)
+        return net.eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def random_unet(randomised_net):
+    """A 4-8-16-32 U-Net with randomised batch-norm statistics."""
+    return randomised_net("unet", (4, 8, 16, 32))
 
 
 @pytest.fixture(scope="session")

@@ -15,23 +15,9 @@ from latticewatch.models.export import export_onnx, torch_probability  # noqa: E
 SMALL = {"unet": (4, 8, 16), "resnet18-unet": (4, 8, 8, 16), "fpn": (4, 8, 8, 16)}
 
 
-def randomised(arch: str, widths=None, seed: int = 0):
-    """An eval-mode net whose batch-norm layers are not the identity (random statistics)."""
-    torch.manual_seed(seed)
-    net = build_net(arch, widths or SMALL[arch])
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return net.eval()
-
-
 @pytest.fixture(scope="module", params=ARCHITECTURES)
-def exported(request, tmp_path_factory):
-    net = randomised(request.param)
+def exported(request, tmp_path_factory, randomised_net):
+    net = randomised_net(request.param, SMALL[request.param])
     path = tmp_path_factory.mktemp("arch") / f"{request.param}.onnx"
     export_onnx(net, path)
     return request.param, net, OnnxRuntimeBackend(path, threads=1)
@@ -59,9 +45,9 @@ def test_logits_forward_and_divisor(exported):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_receptive_field_bounds_the_real_one(arch):
+def test_receptive_field_bounds_the_real_one(arch, randomised_net):
     """Gradient of one central output pixel w.r.t. the input: non-zero only inside the bound."""
-    net = randomised(arch)
+    net = randomised_net(arch, SMALL[arch])
     rf = receptive_field(arch, SMALL[arch])
     side = (rf // net.divisor + 3) * net.divisor
     x = torch.rand(1, 1, side, side, dtype=torch.float64, requires_grad=True)
@@ -71,11 +57,11 @@ def test_receptive_field_bounds_the_real_one(arch):
     assert extent <= rf, f"{arch}: output depends on {extent} px, bound says {rf}"
 
 
-def test_fpn_tiled_equals_whole_frame(tmp_path, rng):
+def test_fpn_tiled_equals_whole_frame(tmp_path, rng, randomised_net):
     """The tiler relies on divisor and receptive field; bilinear upsampling must not break it."""
     from latticewatch.stages.segment import segment
 
-    net = randomised("fpn")
+    net = randomised_net("fpn", SMALL["fpn"])
     export_onnx(net, tmp_path / "fpn.onnx")
     backend = OnnxRuntimeBackend(tmp_path / "fpn.onnx", threads=1)
     image = rng.standard_normal((960, 200)).astype(np.float32)

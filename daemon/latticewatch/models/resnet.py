@@ -5,10 +5,8 @@ ResNet-18 encoder. These are the same designs at widths small enough for live CP
 trained from scratch (no downloaded ImageNet weights: micrographs are single-channel and unlike
 photographs, and the daemon must not fetch anything).
 
-Both networks share the latticewatch segmentation-net interface (see ``models.architectures``):
-``decoder_output(x)`` gives the features before the 1×1 ``head``; ``finish`` is the purely spatial,
-linear step after the head (identity or bilinear upsampling), so that ``export_onnx`` can fold the
-two-class softmax into one sigmoid of the logit difference; ``logits``, ``forward`` and ``divisor``.
+Both are ``models.unet.SegmentationNet``s: ``decoder_output(x)`` gives the features before the 1×1
+``head``; the FPN's ``finish`` (bilinear ×4) is the spatial step after it.
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from latticewatch.models.unet import SegmentationNet
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -82,7 +82,14 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
-class ResNetUNet(nn.Module):
+class _ResNetSegmentation(SegmentationNet):
+    @property
+    def divisor(self) -> int:
+        """Input sides must be a multiple of this (stem, pool and three strided stages)."""
+        return 32
+
+
+class ResNetUNet(_ResNetSegmentation):
     """U-Net decoder on the ResNet-18-style encoder.
 
     Each decoder level upsamples ×2, concatenates the encoder feature of that scale and applies
@@ -117,11 +124,6 @@ class ResNetUNet(nn.Module):
         self.full = conv_bn_relu(w[0], max(4, w[0] // 2))
         self.head = nn.Conv2d(max(4, w[0] // 2), n_classes, 1)
 
-    @property
-    def divisor(self) -> int:
-        """Input sides must be a multiple of this (stem, pool and three strided stages)."""
-        return 32
-
     def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
         c1, c2, c3, c4, c5 = self.encoder(x)
         y = c5
@@ -129,19 +131,8 @@ class ResNetUNet(nn.Module):
             y = level(torch.cat([_up2(y), skip], dim=1))
         return self.full(_up2(y))
 
-    def finish(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, n_classes, H, W)."""
-        return self.head(self.decoder_output(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, n_classes, H, W)."""
-        return torch.softmax(self.logits(x), dim=1)
-
-
-class FPN(nn.Module):
+class FPN(_ResNetSegmentation):
     """Feature pyramid network (Lin et al. 2017) with a semantic-segmentation head (Kirillov et al.
     2019, panoptic FPN) on the ResNet-18-style encoder.
 
@@ -172,11 +163,6 @@ class FPN(nn.Module):
         )
         self.head = nn.Conv2d(s, n_classes, 1)
 
-    @property
-    def divisor(self) -> int:
-        """Input sides must be a multiple of this (stem, pool and three strided stages)."""
-        return 32
-
     def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
         """Summed semantic features at 1/4 resolution (before the head)."""
         features = self.encoder(x)[1:]
@@ -195,12 +181,5 @@ class FPN(nn.Module):
         return total
 
     def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bilinear ×4: the head works at 1/4 resolution."""
         return F.interpolate(logits, scale_factor=4.0, mode="bilinear", align_corners=False)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, n_classes, H, W), bilinearly upsampled from 1/4 resolution."""
-        return self.finish(self.head(self.decoder_output(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, n_classes, H, W)."""
-        return torch.softmax(self.logits(x), dim=1)

@@ -45,7 +45,33 @@ class DecoderLevel(nn.Module):
         return F.relu(self.second(self.dropout(x)))
 
 
-class UNet(nn.Module):
+class SegmentationNet(nn.Module):
+    """The interface every segmentation net of ``models.architectures`` shares.
+
+    Subclasses define ``decoder_output`` (features before the 1×1 ``head``), ``head`` and
+    ``divisor``; ``finish`` is the purely spatial, linear step after the head (identity here), so
+    that ``export_onnx`` can fold the two-class softmax into one sigmoid of the logit difference.
+    """
+
+    head: nn.Conv2d
+
+    def decoder_output(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """Spatial step after the head (none: the net decodes to full resolution)."""
+        return logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, n_classes, H, W)."""
+        return self.finish(self.head(self.decoder_output(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, n_classes, H, W)."""
+        return torch.softmax(self.logits(x), dim=1)
+
+
+class UNet(SegmentationNet):
     """Segmentation U-Net with configurable widths (paper: 4-8-16-32).
 
     Parameters
@@ -94,15 +120,3 @@ class UNet(nn.Module):
         for level, skip in zip(self.decoder, reversed(skips)):
             x = level(x, skip)
         return x
-
-    def finish(self, logits: torch.Tensor) -> torch.Tensor:
-        """Spatial step after the head (none: the U-Net decodes to full resolution)."""
-        return logits
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, n_classes, H, W)."""
-        return self.head(self.decoder_output(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, shape (N, n_classes, H, W)."""
-        return torch.softmax(self.logits(x), dim=1)
