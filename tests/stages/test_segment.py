@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from latticewatch.stages.segment import receptive_field, segment
+from latticewatch.models.architectures import divisor, receptive_field
+from latticewatch.stages.segment import segment
 
-
-def test_receptive_field_of_paper_unet():
-    assert receptive_field(4) == 170
+#: the paper's U-Net, as the random test network is built
+UNET = {"divisor": divisor("unet", (4, 8, 16, 32)), "receptive_field_px": receptive_field("unet", (4, 8, 16, 32))}
 
 
 def test_segment_pads_and_crops(random_unet_onnx, rng):
@@ -13,7 +13,7 @@ def test_segment_pads_and_crops(random_unet_onnx, rng):
 
     backend = OnnxRuntimeBackend(random_unet_onnx, threads=2)
     image = rng.random((100, 75)).astype(np.float32)
-    prob = segment(image, backend)
+    prob = segment(image, backend, **UNET)
     assert prob.shape == (100, 75) and prob.dtype == np.float32
     assert ((prob >= 0) & (prob <= 1)).all()
 
@@ -24,6 +24,6 @@ def test_tiled_equals_whole_frame(random_unet_onnx, rng, shape):
 
     backend = OnnxRuntimeBackend(random_unet_onnx, threads=2)
     image = rng.random(shape).astype(np.float32)
-    whole = segment(image, backend, max_pixels=10**8)
-    tiled = segment(image, backend, max_pixels=320 * 320)  # forces several tiles
+    whole = segment(image, backend, max_pixels=10**8, **UNET)
+    tiled = segment(image, backend, max_pixels=320 * 320, **UNET)  # forces several tiles
     np.testing.assert_allclose(tiled, whole, atol=1e-5)

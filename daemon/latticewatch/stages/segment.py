@@ -7,28 +7,14 @@ import numpy as np
 from latticewatch.models.backends import SegmentationBackend
 from latticewatch.stages.preprocess import pad_to_multiple
 
-def receptive_field(levels: int) -> int:
-    """Receptive field of the U-Net with ``levels`` encoder levels, in input pixels."""
-    rf, jump = 1, 1
-    for _ in range(levels):
-        rf += 2 * jump  # 3×3 conv
-        rf += jump  # 2×2 max-pool
-        jump *= 2
-    rf += 2 * 2 * jump  # centre: two 3×3 convs
-    for _ in range(levels):
-        jump //= 2
-        rf += 2 * 2 * jump  # two 3×3 convs per decoder level
-    return rf
-
 
 def segment(
     image: np.ndarray,
     backend: SegmentationBackend,
     *,
-    levels: int = 4,
+    divisor: int,
+    receptive_field_px: int,
     max_pixels: int = 2048 * 2048,
-    divisor: int | None = None,
-    receptive_field_px: int | None = None,
 ) -> np.ndarray:
     """Particle probability for a preprocessed float32 image, same shape as the input.
 
@@ -37,22 +23,20 @@ def segment(
     tile origins sit on the network's pooling grid, so the stitched result equals the
     whole-frame result.
 
-    ``levels`` describes the paper's U-Net; other architectures pass their ``divisor`` and
-    ``receptive_field_px`` (see ``models.architectures``) instead.
+    ``divisor`` (input sides must be multiples of it) and ``receptive_field_px`` describe the
+    network (``models.architectures.divisor`` / ``receptive_field``).
 
     Examples
     --------
-    >>> prob = segment(np.zeros((100, 120), np.float32), backend)  # doctest: +SKIP
+    >>> prob = segment(np.zeros((100, 120), np.float32), backend, divisor=16, receptive_field_px=200)  # doctest: +SKIP
     >>> prob.shape  # doctest: +SKIP
     (100, 120)
     """
-    divisor = divisor or 2**levels
     padded, (h, w) = pad_to_multiple(image, divisor)
     if padded.size <= max_pixels:
         return backend.predict(padded[None, None])[0, 0, :h, :w]
 
-    rf = receptive_field_px or receptive_field(levels)
-    margin = -(-rf // 2 // divisor) * divisor + divisor
+    margin = -(-receptive_field_px // 2 // divisor) * divisor + divisor
     core = max(divisor, (int(np.sqrt(max_pixels)) - 2 * margin) // divisor * divisor)
     out = np.empty((h, w), np.float32)
     ph, pw = padded.shape
