@@ -11,7 +11,7 @@ from PIL import Image
 
 from latticewatch.cli import main
 from latticewatch.sinks.reports import CSV_COLUMNS
-from latticewatch.training.synthetic import generate_frame
+from latticewatch.testing.synthetic import generate_frame
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 import pytest
 
 from latticewatch.cli import main
-from latticewatch.config import ConfigError, FolderSourceConfig, load_config, parse_config
+from latticewatch.errors import ConfigError
+from latticewatch.config import FolderSourceConfig, load_config, parse_config
 
 
 def test_defaults_are_safe():

@@ -21,12 +21,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from latticewatch.frame import Frame
+from latticewatch.errors import ConfigError
 
 #: Magnifications closer than this (relative) are the same step: headers round differently.
 MAGNIFICATION_TOLERANCE = 0.005
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConfigError):
     """A calibration file that cannot be used; the message names the file and the key."""
 
 

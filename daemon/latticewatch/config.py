@@ -82,7 +82,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from latticewatch.sources.readers import DEFAULT_MAX_PIXELS
+from latticewatch.errors import ConfigError
+from latticewatch.io.readers import DEFAULT_MAX_PIXELS
 
 
 def _zmq_endpoint(value: str) -> str:
@@ -97,10 +98,6 @@ log = logging.getLogger("latticewatch.config")
 
 #: Hosts that only this machine can reach: the only ones a default config ever binds.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-class ConfigError(ValueError):
-    """An invalid config; the message lists every problem as ``<file>: <key>: <what is allowed>``."""
 
 
 class _Strict(BaseModel):
@@ -163,7 +160,7 @@ class ArchiveConfig(_Strict):
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:
-        from latticewatch.sinks.rle import Policy
+        from latticewatch.sinks.archive.reduce import Policy
 
         return str(Policy.parse(value))  # its ValueError says what is allowed
 
@@ -302,7 +299,7 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, plugin_kinds
     >>> parse_config({"sources": {"cam": {"kind": "zmq", "socket": "push"}}}, plugin_kinds=set())
     Traceback (most recent call last):
     ...
-    latticewatch.config.ConfigError: sources.cam.socket: Input should be 'pull' or 'sub' (got 'push')
+    latticewatch.errors.ConfigError: sources.cam.socket: Input should be 'pull' or 'sub' (got 'push')
     >>> parse_config({}, plugin_kinds=set()).sources["incoming"].path
     PosixPath('incoming')
     """

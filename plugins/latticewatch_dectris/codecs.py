@@ -34,6 +34,7 @@ import struct
 import bitshuffle
 import lz4.block
 import numpy as np
+from latticewatch.errors import InputError
 
 #: Header of the HDF5-style framings: total decompressed bytes, block size in bytes.
 _HEADER = struct.Struct(">QI")
@@ -49,7 +50,7 @@ DEFAULT_BSLZ4_BLOCK_BYTES = 8192
 DEFAULT_LZ4_HDF5_BLOCK_BYTES = 1 << 30
 
 
-class DecodeError(ValueError):
+class DecodeError(InputError):
     """A pixel payload does not match its declared layout (truncated, padded, corrupt)."""
 
 

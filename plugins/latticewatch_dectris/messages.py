@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from latticewatch_dectris import codecs
+from latticewatch.errors import InputError
 
 
-class MessageError(ValueError):
+class MessageError(InputError):
     """A message that cannot be understood; carries the series and frame when they were readable.
 
     Parameters

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from latticewatch.frame import CLASSES, Frame
-from latticewatch.runtime.analyser import Analyser, FrameError
-from latticewatch.training.synthetic import generate_frame
+from latticewatch.errors import FrameError
+from latticewatch.runtime.analyser import Analyser
+from latticewatch.testing.synthetic import generate_frame
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from latticewatch.runtime.store import StateDir
 from latticewatch.sinks.archive import ArchiveReader, ArchiveWriter
 from latticewatch.sources.folder import FolderSource
 from latticewatch.sources.memory import MemorySource
-from latticewatch.sources.replay import SerialEMStack
+from latticewatch.testing.replay import SerialEMStack
 
 
 def events(state_dir):

@@ -14,13 +14,13 @@ import time
 
 
 from latticewatch.sinks.archive import ArchiveReader
-from latticewatch.sources.replay import SerialEMStack
+from latticewatch.testing.replay import SerialEMStack
 
 N_SECTIONS = 24
 
 
 def start(config, log_path):
-    return subprocess.Popen([sys.executable, "-m", "latticewatch.cli", "-v", "run", "--config", str(config)],
+    return subprocess.Popen([sys.executable, "-m", "latticewatch", "-v", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
 
 
@@ -110,7 +110,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_p
 
 def test_demo_runs_and_stops_by_itself(tmp_path, profile_dir):
     out = subprocess.run(
-        [sys.executable, "-m", "latticewatch.cli", "demo", "--frames", "3", "--size", "256", "--rate", "0",
+        [sys.executable, "-m", "latticewatch", "demo", "--frames", "3", "--size", "256", "--rate", "0",
          "--profile", str(profile_dir), "--dir", str(tmp_path), "--exit-when-done"],
         capture_output=True, text=True, timeout=120,
     )

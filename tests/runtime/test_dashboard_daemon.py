@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from latticewatch.sources.replay import replay, source_frames
+from latticewatch.testing.replay import replay, source_frames
 
 N_FRAMES = 6
 
@@ -59,7 +59,7 @@ def daemon(tmp_path):
         f'[sources.scope]\nkind = "folder"\npath = "incoming"\nsettle_s = 0.3\n'
     )
     log = open(tmp_path / "daemon.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "latticewatch.cli", "-v", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "latticewatch", "-v", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 

@@ -25,8 +25,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from latticewatch.schemas import SCHEMAS, load_schema
-from latticewatch.sources.replay import SerialEMStack
-from latticewatch.training.synthetic import generate_frame
+from latticewatch.testing.replay import SerialEMStack
+from latticewatch.testing.synthetic import generate_frame
 
 N_FRAMES = 6
 
@@ -66,7 +66,7 @@ def daemon(tmp_path_factory):
         '[sources.scope]\nkind = "folder"\npath = "incoming"\nsettle_s = 0.3\n'
     )
     log = open(tmp / "daemon.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "latticewatch.cli", "-v", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "latticewatch", "-v", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=log)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)

@@ -30,8 +30,8 @@ from latticewatch.sinks.archive import (
     encode_frame_file,
     frame_key,
 )
-from latticewatch.sinks.archive_bench import run_archive_bench, synthetic_frame
-from latticewatch.sinks.rle import (
+from latticewatch.sinks.archive.bench import run_archive_bench, synthetic_frame
+from latticewatch.sinks.archive.reduce import (
     Policy,
     dilate_square,
     margin_to_pixels,
@@ -591,7 +591,7 @@ def _write_mrc(path: Path, data: np.ndarray, voxel_a: float) -> None:
 
 @pytest.mark.parametrize("reduce", [True, False])
 def test_restore_command_round_trips_a_real_mrc(tmp_path, reduce):
-    from latticewatch.sources.readers import read_frames
+    from latticewatch.io.readers import read_frames
 
     source = tmp_path / "source.mrc"
     pixels = noisy_frame((97, 130), seed=7)  # odd sizes on purpose
@@ -676,7 +676,7 @@ def test_bench_smoke():
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32])
 def test_split_encoding_round_trips_and_packs_to_minimum_bits(dtype):
-    from latticewatch.sinks.rle import join_bytes, split_bytes
+    from latticewatch.sinks.archive.reduce import join_bytes, split_bytes
 
     info = np.iinfo(dtype)
     rng = np.random.default_rng(0)
@@ -696,7 +696,7 @@ def test_split_encoding_round_trips_and_packs_to_minimum_bits(dtype):
 
 
 def test_split_encoding_declines_floats_and_64_bit():
-    from latticewatch.sinks.rle import split_bytes
+    from latticewatch.sinks.archive.reduce import split_bytes
 
     assert split_bytes(np.arange(10, dtype=np.float32)) is None
     assert split_bytes(np.arange(10, dtype=np.int64)) is None

@@ -10,7 +10,7 @@ import tifffile
 
 from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.folder import FolderSource
-from latticewatch.sources.replay import SerialEMStack, write_single
+from latticewatch.testing.replay import SerialEMStack, write_single
 
 SETTLE = 0.3
 QUIET = 2.5 * SETTLE  # long enough that anything complete would have been yielded

@@ -14,7 +14,7 @@ from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import Source
 from latticewatch.sources.folder import FolderSource
 from latticewatch.sources.memory import MemorySource
-from latticewatch.sources.replay import SerialEMStack, ZmqPublisher
+from latticewatch.testing.replay import SerialEMStack, ZmqPublisher
 from latticewatch.sources.zmq_stream import ZmqStreamSource
 
 PIXEL_NM = 0.05

@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from latticewatch.frame import Frame, Rejected
-from latticewatch.sources.replay import ZmqPublisher
+from latticewatch.testing.replay import ZmqPublisher
 from latticewatch.sources.zmq_stream import ZmqStreamSource, encode_frame, encode_series_end
 
 

@@ -8,7 +8,7 @@ import mrcfile
 import numpy as np
 from PIL import Image
 
-from latticewatch.training.synthetic import generate_frame, generate_region
+from latticewatch.testing.synthetic import generate_frame, generate_region
 
 
 def write_mrc(path: Path, pixels: np.ndarray, pixel_size_nm: float | None) -> None:

@@ -8,7 +8,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from latticewatch.stages.preprocess import normalise, preprocess
-from latticewatch.training.baselines import (
+from latticewatch.training.assess.baselines import (
     BASELINES,
     BaselineError,
     BraggFilterBaseline,
@@ -19,9 +19,9 @@ from latticewatch.training.baselines import (
     make_baseline,
     otsu_threshold,
 )
-from latticewatch.training.labelled import group_folds, load_labelled
-from latticewatch.training.metrics import pooled_dice
-from latticewatch.training.synthetic import generate_frame
+from latticewatch.training.data.labelled import group_folds, load_labelled
+from latticewatch.training.assess.metrics import pooled_dice
+from latticewatch.testing.synthetic import generate_frame
 
 GRAPHENE = Path("/work/shared/data/graphene-contamination")
 

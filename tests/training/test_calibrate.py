@@ -13,8 +13,8 @@ from latticewatch.calibration import load_calibration
 from latticewatch.cli import main
 from latticewatch.models.manifest import read_manifest
 from latticewatch.runtime.analyser import Analyser
-from latticewatch.sources.readers import read_frames
-from latticewatch.training.calibrate import d_spacing, farthest_points, measure_fringe_frequency
+from latticewatch.io.readers import read_frames
+from latticewatch.training.assess.calibrate import d_spacing, farthest_points, measure_fringe_frequency
 from latticewatch_nanoparticles import profile_dir
 
 EXAMPLE_TOML = Path(__file__).resolve().parents[2] / "calibration" / "example-300kv-4k-camera.toml"

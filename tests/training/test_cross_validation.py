@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("torch")
 
 from latticewatch.cli import main  # noqa: E402
-from latticewatch.training.labelled import series_of  # noqa: E402
-from latticewatch.training.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics  # noqa: E402
+from latticewatch.training.data.labelled import series_of  # noqa: E402
+from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics  # noqa: E402
 
 TINY = ["--arch", "fpn", "--widths", "4", "8", "8", "16", "--steps", "2", "--batch-size", "2", "--crop", "64",
         "--eval-every", "2", "--threads", "1", "--normalisation", "bezier_zscore", "--pixel-size-nm", "none"]

@@ -14,7 +14,7 @@ from latticewatch.frame import Frame
 from latticewatch.models.manifest import read_manifest
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.stages.preprocess import preprocess
-from latticewatch.training.baselines import baseline_from_dict
+from latticewatch.training.assess.baselines import baseline_from_dict
 from latticewatch_nanoparticles import profile_dir
 
 KEYS = {"dice", "jaccard", "precision", "recall", "accuracy", "balanced_accuracy", "confusion_matrix"}

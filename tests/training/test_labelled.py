@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latticewatch.training.labelled import LabelledDataError, group_folds, load_labelled, series_of
+from latticewatch.training.data.labelled import LabelledDataError, group_folds, load_labelled, series_of
 
 GRAPHENE = Path("/work/shared/data/graphene-contamination")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from latticewatch.training.metrics import METRIC_KEYS, PixelCounts, counts_above, segmentation_metrics
+from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, counts_above, segmentation_metrics
 
 
 def _sklearn(pred: np.ndarray, truth: np.ndarray) -> dict:

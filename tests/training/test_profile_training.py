@@ -11,8 +11,8 @@ from latticewatch.cli import main  # noqa: E402
 from latticewatch.frame import Frame  # noqa: E402
 from latticewatch.models.manifest import read_manifest  # noqa: E402
 from latticewatch.runtime.analyser import Analyser  # noqa: E402
-from latticewatch.training.synthetic import generate_frame  # noqa: E402
-from latticewatch.training.train_unet import UNetTrainingConfig, train_unet  # noqa: E402
+from latticewatch.testing.synthetic import generate_frame  # noqa: E402
+from latticewatch.training.fit.unet import UNetTrainingConfig, train_unet  # noqa: E402
 
 
 def test_training_improves_validation_dice():

@@ -166,7 +166,7 @@ def test_without_abtem_simulate_names_the_extra(tmp_path):
     # an abtem that cannot be imported, first on the path: what a machine without the extra sees
     (tmp_path / "abtem.py").write_text("raise ImportError('not installed')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, "-m", "latticewatch.cli", "simulate", "--n", "1", "--out", str(tmp_path / "sim")],
+    done = subprocess.run([sys.executable, "-m", "latticewatch", "simulate", "--n", "1", "--out", str(tmp_path / "sim")],
                           capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 2
     assert "error: simulate needs the [simulate] extra: pip install '.[simulate]'" in done.stderr
@@ -192,7 +192,7 @@ def _summary(capsys, argv):
 
 
 def test_cli_writes_the_dataset_layout(dataset):
-    from latticewatch.sources.readers import read_frames
+    from latticewatch.io.readers import read_frames
 
     names = sorted(p.stem for p in (dataset / "images").glob("*.mrc"))
     assert names == ["sim_000000", "sim_000001"]

@@ -8,7 +8,7 @@ from scipy.spatial import cKDTree
 
 pytest.importorskip("ase")
 
-from latticewatch.training import structures as st
+from latticewatch.training.simulate import structures as st
 
 
 def _env(seq) -> str:

@@ -9,7 +9,7 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from latticewatch.frame import CLASSES
-from latticewatch.training.synthetic import (
+from latticewatch.testing.synthetic import (
     MIN_FRINGE_PERIOD_PX,
     PARTICLE_CLASSES,
     SyntheticImage,

@@ -11,11 +11,11 @@ pytest.importorskip("torch")
 
 from latticewatch.cli import main  # noqa: E402
 from latticewatch.models.manifest import read_manifest  # noqa: E402
-from latticewatch.training.datasets import random_rotation_crop, rotate_crop  # noqa: E402
-from latticewatch.training.labelled import series_of  # noqa: E402
-from latticewatch.training.metrics import METRIC_KEYS  # noqa: E402
-from latticewatch.training.supervised import validation_split  # noqa: E402
-from latticewatch.training.train_unet import CheckpointError, UNetTrainingConfig, train_unet  # noqa: E402
+from latticewatch.training.data.augment import random_rotation_crop, rotate_crop  # noqa: E402
+from latticewatch.training.data.labelled import series_of  # noqa: E402
+from latticewatch.training.assess.metrics import METRIC_KEYS  # noqa: E402
+from latticewatch.training.data.supervised import validation_split  # noqa: E402
+from latticewatch.training.fit.unet import CheckpointError, UNetTrainingConfig, train_unet  # noqa: E402
 
 TINY = ["--steps", "4", "--batch-size", "2", "--crop", "64", "--eval-every", "2", "--threads", "1", "--lr", "1e-3"]
 

@@ -21,12 +21,13 @@ name                network                                                     
 from __future__ import annotations
 
 from collections.abc import Sequence
+from latticewatch.errors import ModelError
 
 ARCHITECTURES: tuple[str, ...] = ("unet", "resnet18-unet", "fpn")
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"unet": (4, 8, 16, 32), "resnet18-unet": (8, 16, 32, 64), "fpn": (8, 16, 32, 64)}
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(ModelError, ValueError):
     """An unknown architecture name, or widths that do not fit it."""
 
 

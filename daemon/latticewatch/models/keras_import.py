@@ -15,12 +15,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from latticewatch.errors import ModelError
 
 #: pyNanoFind trained on the 3×3-median-filtered image divided by its maximum.
 KERAS_NORMALISATION = "max"
 
 
-class KerasImportError(ValueError):
+class KerasImportError(ModelError, ValueError):
     """A weight file that is not a pyNanoFind U-Net; the message names the file and the layer."""
 
 

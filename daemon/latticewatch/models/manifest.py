@@ -17,6 +17,7 @@ from latticewatch.frame import CLASSES
 from latticewatch.models import architectures
 from latticewatch.stages.isolate import IsolationParams
 from latticewatch.stages.preprocess import Normalisation
+from latticewatch.errors import ModelError
 
 
 class _Strict(BaseModel):
@@ -77,7 +78,7 @@ class Manifest(_Strict):
     baselines: dict[str, dict[str, Any]] = Field(
         {},
         description="classical baselines (otsu, fourier, bragg) fitted for this profile by `latticewatch calibrate "
-        "baselines`, used by `latticewatch evaluate`; parameters as latticewatch.training.baselines writes them",
+        "baselines`, used by `latticewatch evaluate`; parameters as latticewatch.training.assess.baselines writes them",
     )
 
     @field_validator("files")
@@ -106,7 +107,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ManifestError(Exception):
+class ManifestError(ModelError):
     """A profile directory whose manifest or files cannot be trusted."""
 
 

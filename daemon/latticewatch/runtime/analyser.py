@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from latticewatch.errors import FrameError
 from latticewatch.frame import Analysis, Frame, Region
 from latticewatch.models.architectures import receptive_field
 from latticewatch.models.backends import SegmentationBackend
@@ -29,10 +30,6 @@ from latticewatch.stages.segment import segment
 
 #: Frames below this side length cannot hold a particle at any sensible sampling.
 MIN_SIDE_PX = 16
-
-
-class FrameError(ValueError):
-    """A frame the pipeline cannot analyse; the message names the frame and the problem."""
 
 
 @contextmanager

@@ -19,7 +19,7 @@ BENCH_PIXEL_SIZE_NM = 0.025
 
 
 def synthetic_frame(side: int, seed: int = 0) -> Frame:
-    from latticewatch.training.synthetic import generate_frame
+    from latticewatch.testing.synthetic import generate_frame
 
     sample = generate_frame(np.random.default_rng(seed), shape=(side, side), pixel_size_nm=BENCH_PIXEL_SIZE_NM)
     return Frame(f"synthetic:{side}", sample.image, BENCH_PIXEL_SIZE_NM, origin="bench")

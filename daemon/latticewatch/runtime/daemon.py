@@ -14,14 +14,15 @@ from latticewatch.runtime.analyser import Analyser
 from latticewatch.runtime.outputs import Outputs
 from latticewatch.runtime.runners import InlineRunner, PipelinedRunner, Pipeline, RunStats
 from latticewatch.runtime.store import StateDir
-from latticewatch.sinks.archive_sink import open_session_writer
+from latticewatch.runtime.archiving import open_session_writer
 from latticewatch.sinks.events import Sink
 from latticewatch.sources.base import Source, discover_sources
+from latticewatch.errors import StateError
 
 log = logging.getLogger("latticewatch.runtime.daemon")
 
 
-class SourceUnavailable(RuntimeError):
+class SourceUnavailable(StateError):
     """A configured source kind whose plugin is missing or broken."""
 
 

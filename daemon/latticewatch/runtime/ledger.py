@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from latticewatch.errors import StateError
 
 log = logging.getLogger("latticewatch.runtime.ledger")
 
@@ -236,5 +237,5 @@ class Ledger:
             raise LedgerError(f"{frame_id}: cannot move to {new!r}; it is {self.state(frame_id)!r}, not {expected!r}")
 
 
-class LedgerError(RuntimeError):
+class LedgerError(StateError):
     """A transition that would break the state machine (a frame analysed twice, say)."""

@@ -29,7 +29,7 @@ A bad frame sinks alone: an analyser error quarantines that frame with its reaso
 event. Only the ledger, event log or state directory failing stops the runner (it re-raises).
 
 The archive (optional) is fed after publication and runs on its own thread
-(`latticewatch.sinks.archive_sink`); the archive being slow or unavailable never stops a phase.
+(`latticewatch.runtime.archiving`); the archive being slow or unavailable never stops a phase.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from latticewatch.frame import Analysis, Frame, Rejected
-from latticewatch.runtime.analyser import Analyser, FrameError, Prepared
+from latticewatch.errors import FrameError
+from latticewatch.runtime.analyser import Analyser, Prepared
 from latticewatch.runtime.ledger import Ledger
 from latticewatch.runtime.store import StateDir
 from latticewatch.sinks.archive import ArchiveWriter
-from latticewatch.sinks.archive_sink import ArchiveSink
+from latticewatch.runtime.archiving import ArchiveSink
 from latticewatch.sinks.events import EventLog, Sink, error_event, frame_events, render
 from latticewatch.sources.base import Source, StopFlag
 

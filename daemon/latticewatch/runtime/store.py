@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latticewatch.atomic import write_atomic
+from latticewatch.io.atomic import write_atomic
 from latticewatch.frame import Frame, file_safe
 
 log = logging.getLogger("latticewatch.runtime.store")

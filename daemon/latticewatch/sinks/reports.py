@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from latticewatch.atomic import write_atomic
+from latticewatch.io.atomic import write_atomic
 from latticewatch.frame import CLASSES, Analysis, Frame
 from latticewatch.stages.features import FEATURE_NAMES
 

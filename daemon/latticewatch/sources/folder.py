@@ -44,8 +44,8 @@ from watchdog.observers.polling import PollingObserver
 
 from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import SkipFn, StopFlag
-from latticewatch.sources.mdoc import Mdoc, parse_mdoc, section_info
-from latticewatch.sources.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
+from latticewatch.io.mdoc import Mdoc, parse_mdoc, section_info
+from latticewatch.io.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
 
 log = logging.getLogger("latticewatch.sources.folder")
 

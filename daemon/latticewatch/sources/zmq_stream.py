@@ -42,7 +42,8 @@ import zmq
 
 from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import SkipFn, StopFlag
-from latticewatch.sources.readers import DEFAULT_MAX_PIXELS, MIN_SIDE_PX
+from latticewatch.io.readers import DEFAULT_MAX_PIXELS, MIN_SIDE_PX
+from latticewatch.errors import InputError
 
 log = logging.getLogger("latticewatch.sources.zmq_stream")
 
@@ -52,7 +53,7 @@ BYTEORDERS = ("<", ">", "|")
 POLL_MS = 100
 
 
-class MessageError(ValueError):
+class MessageError(InputError):
     """A stream message that does not follow the protocol; the message says how."""
 
 

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from latticewatch.atomic import write_atomic
+from latticewatch.io.atomic import write_atomic
 from latticewatch.frame import Analysis, Frame
 from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule
 

@@ -1,0 +1,222 @@
+"""Command-line side of calibration: ``latticewatch calibrate threshold | baselines | pixel-size | int8-set``.
+
+:func:`register` adds the command and its actions to the main parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+_HELP = """\
+Calibrate a profile against labelled data, or an instrument against a known crystal.
+
+  threshold   decision threshold on the particle probability that maximises Dice on a
+              labelled set; written into the profile's manifest.json
+  baselines   fit the Otsu / Fourier / Bragg baselines on a labelled set and store their
+              parameters in the manifest, for `latticewatch evaluate`
+  pixel-size  nm per pixel at one magnification from the lattice fringes of a known crystal
+              (Au, Ag, Pd, Pt, Cu, Si, CdSe, graphene), into an instrument calibration TOML
+  int8-set    representative model-ready frames for calibrating an INT8 TensorRT engine
+"""
+
+_THRESHOLD_HELP = """\
+Run the profile's network on labelled images exactly as `process` does, and choose the
+threshold on the particle probability (0.05–0.95 in steps of 0.01) that maximises the Dice
+coefficient pooled over all pixels. Writes segmentation.threshold and isolation.threshold of
+the profile's manifest.json (atomically; model files are not touched, so the profile still
+verifies). Prints old → new threshold and the Dice before and after. Use a validation set,
+not the network's training set.
+"""
+
+_BASELINES_HELP = """\
+Fit the classical baselines (Otsu threshold; Fourier annulus filter, Groschner et al. 2021;
+Bragg filter, Sadre et al. 2021) on labelled images, at the model's pixel size and
+normalisation, and store their parameters in the profile's manifest.json. `latticewatch
+evaluate` then uses these instead of fitting on the evaluation set.
+"""
+
+_PIXEL_HELP = """\
+Measure the pixel size of a camera at one magnification from an HRTEM image of a known
+crystal. The lattice-fringe frequency is taken from the image's power spectrum (reflections
+refined to sub-pixel; a ring profile for many randomly oriented crystals), and
+nm/pixel = d-spacing × fringe frequency. d-spacings come from a table (Au, Ag, Pd, Pt, Cu:
+fcc; Si: diamond; CdSe: wurtzite; graphene) for the given reflection, or from --lattice-nm.
+
+The step is added to the calibration TOML (or replaces the step at the same magnification);
+the file is created when missing (then --instrument is needed). Prints the measured fringe
+period, the pixel size, and the pixel size in the image header if it has one.
+Use with `latticewatch process --calibration FILE`.
+"""
+
+_INT8_HELP = """\
+Choose N representative tiles from a folder of micrographs for INT8 calibration of a future
+TensorRT engine. Frames are prepared exactly as the analyser prepares them (resampled to the
+model's pixel size, median filtered, normalised), cut into TILE×TILE tiles, described by their
+mean, standard deviation and particle coverage, and picked by farthest-point sampling so the
+set covers empty carbon, dense particles and everything between. Saved with numpy.savez (no
+pickled objects) together with the ONNX file's sha256 from the manifest.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="nanoparticles", help="installed profile name or profile directory (default: %(default)s)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``calibrate`` with its four actions to the ``latticewatch`` command.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser(prog="latticewatch")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> parser.parse_args(["calibrate", "threshold", "--images", "i", "--labels", "l"]).func.__name__
+    'threshold_command'
+    """
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("calibrate", help="tune a profile's threshold/baselines; pixel size from lattice fringes; INT8 set",
+                              description=_HELP, formatter_class=fmt)
+    sub = p.add_subparsers(dest="calibrate_command", metavar="ACTION", required=True)
+
+    q = sub.add_parser("threshold", help="Dice-optimal decision threshold into the manifest", description=_THRESHOLD_HELP, formatter_class=fmt)
+    _common(q)
+    q.add_argument("--images", type=Path, required=True, metavar="DIR", help="labelled micrographs (validation set)")
+    q.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks, same file stems as the images")
+    q.add_argument("--dry-run", action="store_true", help="print the result, do not write the manifest")
+    q.add_argument("--threads", type=int, default=None, help="inference threads")
+    q.set_defaults(func=threshold_command)
+
+    q = sub.add_parser("baselines", help="fit Otsu/Fourier/Bragg baselines, store them in the manifest", description=_BASELINES_HELP,
+                       formatter_class=fmt)
+    _common(q)
+    q.add_argument("--images", type=Path, required=True, metavar="DIR", help="labelled micrographs")
+    q.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks, same file stems as the images")
+    q.add_argument("--baselines", default="otsu,fourier,bragg", metavar="LIST", help="which to fit (default: %(default)s)")
+    q.add_argument("--dry-run", action="store_true", help="print the parameters, do not write the manifest")
+    q.set_defaults(func=baselines_command)
+
+    q = sub.add_parser("pixel-size", help="nm/pixel at a magnification from a known crystal's fringes", description=_PIXEL_HELP,
+                       formatter_class=fmt)
+    q.add_argument("image", type=Path, metavar="IMAGE", help="HRTEM image of the calibration crystal (first frame of a stack is used)")
+    q.add_argument("--material", required=True, help="crystal: Au, Ag, Pd, Pt, Cu, Si, CdSe, graphene (or a label with --lattice-nm)")
+    q.add_argument("--reflection", metavar="HKL", help="lattice planes whose fringes are measured, e.g. 111, 200, 002, 10-10")
+    q.add_argument("--lattice-nm", type=float, metavar="D", help="the fringe spacing d in nm (overrides the table)")
+    q.add_argument("--camera", required=True, help="camera name (a calibration file is for one camera)")
+    q.add_argument("--magnification", type=float, required=True, metavar="M", help="nominal magnification as the microscope reports it")
+    q.add_argument("--voltage-kv", type=float, default=None, metavar="KV", help="accelerating voltage in kV")
+    q.add_argument("--binning", type=int, default=1, help="camera binning (default: %(default)s)")
+    q.add_argument("--instrument", help="microscope name (needed when the file is created)")
+    q.add_argument("--near", type=float, metavar="NM_PER_PX",
+                   help="expected pixel size; look only within ±25 %% of the fringe frequency it implies")
+    q.add_argument("--out", type=Path, required=True, metavar="TOML", help="calibration file to create or update, e.g. calibration/NAME.toml")
+    q.add_argument("--dry-run", action="store_true", help="print the measurement, do not write the file")
+    q.set_defaults(func=pixel_size_command)
+
+    q = sub.add_parser("int8-set", help="representative preprocessed frames for INT8 calibration (.npz)", description=_INT8_HELP,
+                       formatter_class=fmt)
+    _common(q)
+    q.add_argument("--images", type=Path, required=True, metavar="DIR", help="micrographs typical of the data to be analysed")
+    q.add_argument("--n", type=int, default=32, help="number of tiles to keep (default: %(default)s)")
+    q.add_argument("--tile", type=int, default=512, help="tile side at the model's pixel size (default: %(default)s)")
+    q.add_argument("--out", type=Path, required=True, metavar="FILE.npz")
+    q.add_argument("--threads", type=int, default=None, help="inference threads")
+    q.set_defaults(func=int8_set_command)
+
+
+def _command(args: argparse.Namespace) -> str:
+    return "latticewatch " + shlex.join(getattr(args, "argv", []) or [])
+
+
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def threshold_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import ManifestError
+    from latticewatch.training.assess.calibrate import calibrate_threshold
+    from latticewatch.training.data.labelled import LabelledDataError
+
+    try:
+        r = calibrate_threshold(args.profile, args.images, args.labels, dry_run=args.dry_run, command=_command(args),
+                                threads=args.threads, progress=sys.stderr.isatty())
+    except (LabelledDataError, ManifestError, OSError) as err:
+        return _fail(err)
+    print(f"{r.n_images} labelled image(s); pooled Dice at threshold {r.old:.2f}: {r.dice_before:.4f}")
+    print(f"threshold {r.old:.2f} → {r.new:.2f}: Dice {r.dice_before:.4f} → {r.dice_after:.4f}")
+    if r.written:
+        print(f"written to {r.manifest_path} (segmentation.threshold and isolation.threshold)")
+    else:
+        print("dry run: manifest not changed")
+    return EXIT_OK
+
+
+def baselines_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import ManifestError
+    from latticewatch.training.assess.baselines import BaselineError
+    from latticewatch.training.assess.calibrate import calibrate_baselines
+    from latticewatch.training.assess.evaluate import parse_baselines
+    from latticewatch.training.data.labelled import LabelledDataError
+
+    try:
+        names = parse_baselines(args.baselines)
+        if not names:
+            raise BaselineError("no baselines to fit")
+        fitted = calibrate_baselines(args.profile, args.images, args.labels, names=names, dry_run=args.dry_run, command=_command(args))
+    except (LabelledDataError, ManifestError, BaselineError, OSError) as err:
+        return _fail(err)
+    for name, params in fitted.items():
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+                          if k not in ("kind", "fitted_dice", "fitted_images"))
+        print(f"{name:8s} training Dice {params['fitted_dice']:.3f}  {shown}")
+    print("dry run: manifest not changed" if args.dry_run else "stored in the manifest (baselines)")
+    return EXIT_OK
+
+
+def pixel_size_command(args: argparse.Namespace) -> int:
+    from latticewatch.calibration import CalibrationError
+    from latticewatch.io.readers import ReadError
+    from latticewatch.training.assess.calibrate import FringeError, calibrate_pixel_size
+
+    try:
+        r = calibrate_pixel_size(
+            args.image, material=args.material, reflection=args.reflection, lattice_nm=args.lattice_nm, camera=args.camera,
+            magnification=args.magnification, voltage_kv=args.voltage_kv, out=args.out, instrument=args.instrument,
+            near_nm_per_px=args.near, binning=args.binning, dry_run=args.dry_run,
+        )
+    except (CalibrationError, FringeError, ReadError, OSError) as err:
+        return _fail(err)
+    m = r.measurement
+    how = f"{m.n_spots} reflections, spread {100 * m.spread:.2f} %" if m.method == "spots" else "ring profile"
+    print(f"fringe period {m.period_px:.3f} px ({how}, contrast {m.contrast:.0f}×)")
+    print(f"{args.material} ({args.reflection or '?'}) d = {r.d_nm:.5f} nm → pixel size {r.pixel_size_nm:.5f} nm/px "
+          f"at {args.magnification:g}×")
+    if r.header_pixel_size_nm:
+        print(f"image header says {r.header_pixel_size_nm:.5f} nm/px ({100 * (r.pixel_size_nm / r.header_pixel_size_nm - 1):+.2f} %)")
+    for warning in r.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if r.replaced is not None:
+        print(f"replaces {r.replaced:.5f} nm/px previously stored at this magnification")
+    print("dry run: nothing written" if args.dry_run else f"written to {args.out} ({len(r.calibration.steps)} magnification step(s))")
+    return EXIT_OK
+
+
+def int8_set_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import ManifestError
+    from latticewatch.training.assess.calibrate import int8_calibration_set
+
+    if args.n < 1:
+        return _fail(ValueError("--n must be at least 1"))
+    try:
+        r = int8_calibration_set(args.profile, args.images, args.out, n=args.n, tile=args.tile, threads=args.threads,
+                                 progress=sys.stderr.isatty())
+    except (ManifestError, ValueError, OSError) as err:
+        return _fail(err)
+    for reason in r.skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(f"{r.n_chosen} of {r.n_candidates} tiles from {r.n_frames} frame(s) written to {r.path}")
+    return EXIT_OK

@@ -1,0 +1,145 @@
+"""SerialEM ``.mdoc`` files: parse them and turn a section's keys into frame metadata.
+
+An mdoc is an IMOD autodoc: ``key = value`` lines, a global part, then one ``[ZValue = N]``
+section per image of the stack (plus ``[T = ...]`` title lines and, in newer versions,
+``[FrameSet = N]`` sections, which are kept as global text and otherwise ignored).
+SerialEM rewrites the whole file after each image (the previous version is renamed to
+``<name>.mdoc~``), so a reader can briefly see no file or a partial one; `parse_mdoc` therefore
+never fails on a cut-off last line, and the folder source decides when a section is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+log = logging.getLogger("latticewatch.io.mdoc")
+
+_SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]\s*$")
+#: SerialEM writes two-digit years before 3.7 and four-digit ones after; both occur in archives.
+_DATETIME_FORMATS = ("%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S")
+#: The keys carried into frame metadata, with how each value is parsed.
+_FLOAT_KEYS = ("PixelSpacing", "Magnification", "Defocus", "ExposureDose", "TiltAngle", "TimeStamp")
+
+
+@dataclass(frozen=True)
+class Mdoc:
+    """A parsed mdoc: the global keys and each ``[ZValue = N]`` section's keys (raw strings)."""
+
+    globals: dict[str, str] = field(default_factory=dict)
+    sections: dict[int, dict[str, str]] = field(default_factory=dict)
+    complete_last_line: bool = True  # False when the text stops in the middle of a line
+
+    @property
+    def last_z(self) -> int | None:
+        return max(self.sections) if self.sections else None
+
+
+def parse_mdoc(text: str) -> Mdoc:
+    """Parse mdoc text into global keys and ZValue sections.
+
+    Examples
+    --------
+    >>> doc = parse_mdoc("PixelSpacing = 1.5\\n\\n[ZValue = 0]\\nTiltAngle = 2\\n")
+    >>> doc.globals["PixelSpacing"], doc.sections[0]["TiltAngle"]
+    ('1.5', '2')
+    """
+    globals_: dict[str, str] = {}
+    sections: dict[int, dict[str, str]] = {}
+    current = globals_
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        match = _SECTION.match(line)
+        if match:
+            kind, value = match.groups()
+            if kind == "ZValue" and value.isdigit():
+                current = sections.setdefault(int(value), {})
+            else:
+                current = {}  # [T = ...] titles and [FrameSet = ...] sections: not per image
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            current[key.strip()] = value.strip()
+    return Mdoc(globals_, sections, complete_last_line=text.endswith("\n") or not text)
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def parse_datetime(value: str) -> datetime | None:
+    """SerialEM's ``DateTime`` (``04-Dec-19  10:38:23`` or ``04-Dec-2019  10:38:23``), local time.
+
+    Examples
+    --------
+    >>> parse_datetime("04-Dec-19  10:38:23") == parse_datetime("04-Dec-2019 10:38:23")
+    True
+    """
+    text = " ".join(value.split())
+    for fmt in _DATETIME_FORMATS:
+        try:
+            return datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """What an mdoc section says about one image, ready to merge into a `Frame`."""
+
+    meta: dict[str, Any]
+    pixel_size_nm: float | None
+    acquired_at: datetime | None
+
+
+def section_info(doc: Mdoc, z: int) -> SectionInfo:
+    """Metadata of section ``z``: numbers parsed, PixelSpacing Å → nm, DateTime parsed.
+
+    Section keys override global ones (SerialEM repeats PixelSpacing in both). ``meta`` holds
+    the parsed values of the documented keys plus ``raw`` with every key as written.
+
+    Examples
+    --------
+    >>> doc = parse_mdoc("PixelSpacing = 1.2\\n[ZValue = 0]\\nStagePosition = 10.5 -3\\n"
+    ...                  "DateTime = 04-Dec-2019  10:38:23\\nNavigatorLabel = 12-3\\n")
+    >>> info = section_info(doc, 0)
+    >>> info.pixel_size_nm, info.meta["StagePosition"], info.meta["NavigatorLabel"], info.acquired_at.year
+    (0.12, [10.5, -3.0], '12-3', 2019)
+    """
+    keys = {**doc.globals, **doc.sections.get(z, {})}
+    meta: dict[str, Any] = {"ZValue": z}
+    for key in _FLOAT_KEYS:
+        if key in keys:
+            meta[key] = _number(keys[key])
+    if "StagePosition" in keys:
+        meta["StagePosition"] = [v for v in (_number(p) for p in keys["StagePosition"].split()) if v is not None]
+    if "NavigatorLabel" in keys:
+        meta["NavigatorLabel"] = keys["NavigatorLabel"]
+    acquired = parse_datetime(keys["DateTime"]) if "DateTime" in keys else None
+    if "DateTime" in keys:
+        meta["DateTime"] = keys["DateTime"]
+    meta["raw"] = keys
+    spacing = meta.get("PixelSpacing")
+    pixel_size_nm = spacing / 10.0 if spacing else None  # Å → nm; 0 means "not calibrated"
+    return SectionInfo(meta, pixel_size_nm, acquired)
+
+
+def format_section(z: int, keys: dict[str, Any]) -> str:
+    """One ``[ZValue = N]`` section as SerialEM writes it (blank line, header, ``key = value``).
+
+    Examples
+    --------
+    >>> format_section(3, {"TiltAngle": 0.0})
+    '\\n[ZValue = 3]\\nTiltAngle = 0.0\\n'
+    """
+    body = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    return f"\n[ZValue = {z}]\n{body}"

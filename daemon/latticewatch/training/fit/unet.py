@@ -1,0 +1,282 @@
+"""Segmentation-net training (torch): cross-entropy + Dice loss, Adam, validation-based early
+stopping, resumable safetensors checkpoints.
+
+Any architecture of ``models.architectures`` trains here (the name is historical: the U-Net came
+first). Images may differ in size: each step draws ``batch_size`` random crops, augmented either
+by the dihedral group (``augment="dihedral"``: 90° turns and flips, exact for the synthetic
+lattices) or by arbitrary rotations and flips (``augment="rotate"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from latticewatch.models.architectures import build_net
+from latticewatch.stages.preprocess import pad_to_multiple
+from latticewatch.training.data.augment import random_dihedral, random_rotation_crop
+from latticewatch.training.assess.metrics import pooled_dice
+from latticewatch.errors import ModelError
+
+log = logging.getLogger("latticewatch.training.fit.unet")
+
+#: Training state that must match for a checkpoint to be resumed (the rest may change, e.g. steps).
+_RESUME_KEYS = ("architecture", "widths", "crop", "batch_size", "learning_rate", "max_steps", "seed", "augment")
+
+
+@dataclass
+class UNetTrainingConfig:
+    """Settings of one training run (recorded in the manifest).
+
+    ``max_steps`` also sets the cosine learning-rate schedule, so a run stopped early by patience
+    has not yet decayed its rate fully; ``eval_every`` steps the validation Dice is measured, the
+    best weights kept and the checkpoint written.
+    """
+
+    widths: tuple[int, ...] = (4, 8, 16, 32)
+    architecture: str = "unet"
+    crop: int = 256
+    batch_size: int = 8
+    learning_rate: float = 1e-4  # peak; cosine-decayed to 1/20 of it by max_steps
+    max_steps: int = 2000
+    eval_every: int = 100
+    patience: int = 8  # evaluations without a Dice gain of at least min_delta
+    min_delta: float = 1e-3
+    seed: int = 0
+    threads: int | None = None
+    augment: str = "dihedral"  # or "rotate"
+
+
+@dataclass
+class TrainingResult:
+    net: nn.Module
+    best_dice: float | None  # None when trained without a validation set
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+
+
+class CheckpointError(ModelError, ValueError):
+    """A checkpoint that cannot be resumed with the given settings."""
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.softmax(logits, dim=1)[:, 1]
+    inter = (prob * target).sum()
+    return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+
+
+def dice_score(prob: np.ndarray | Sequence[np.ndarray], mask: np.ndarray | Sequence[np.ndarray], threshold: float = 0.5) -> float:
+    """Dice over all pixels of a set (as the papers report it)."""
+    return pooled_dice((p >= threshold for p in prob), mask)
+
+
+def predict_images(net: nn.Module, images: Sequence[np.ndarray], batch: int = 4) -> list[np.ndarray]:
+    """Foreground probability of each 2-D image (any size: mirror-padded to ``net.divisor``)."""
+    net.eval()
+    out: list[np.ndarray | None] = [None] * len(images)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(np.shape(image), []).append(i)
+    with torch.no_grad():
+        for members in by_shape.values():
+            for start in range(0, len(members), batch):
+                chunk = members[start : start + batch]
+                padded = [pad_to_multiple(np.asarray(images[i], np.float32), net.divisor) for i in chunk]
+                x = torch.from_numpy(np.stack([p for p, _ in padded])[:, None])
+                probs = net(x)[:, 1].numpy()
+                for i, prob, (_, (h, w)) in zip(chunk, probs, padded):
+                    out[i] = prob[:h, :w]
+    return out  # type: ignore[return-value]
+
+
+def predict_set(net: nn.Module, images: np.ndarray | Sequence[np.ndarray], batch: int = 4) -> np.ndarray:
+    """`predict_images` stacked into one array (images of equal shape)."""
+    return np.stack(predict_images(net, images, batch))
+
+
+def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int, augment: str) -> tuple[np.ndarray, np.ndarray]:
+    if augment == "rotate":
+        return random_rotation_crop(rng, image, mask, crop)
+    h, w = image.shape
+    if h < crop or w < crop:  # small image: mirror it out to the crop size
+        pad = ((0, max(0, crop - h)), (0, max(0, crop - w)))
+        image, mask = np.pad(image, pad, mode="symmetric"), np.pad(mask, pad, mode="symmetric")
+        h, w = image.shape
+    r, c = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    x, y = random_dihedral(rng, image[r : r + crop, c : c + crop], mask[r : r + crop, c : c + crop])
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def _config_meta(config: UNetTrainingConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def save_checkpoint(path: Path, *, net: nn.Module, best_state: dict | None, optimiser, schedule, rng: np.random.Generator,
+                    config: UNetTrainingConfig, step: int, best: float, best_step: int | None, stale: int, history: list[dict]) -> None:
+    """Everything needed to continue a run, as safetensors (tensors) + JSON metadata (never pickle)."""
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.clone().contiguous() for k, v in best_state.items()})
+    opt = optimiser.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).clone().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "config": _config_meta(config), "step": step, "best": best, "best_step": best_step, "stale": stale, "history": history,
+        "param_groups": opt["param_groups"], "schedule": schedule.state_dict(), "rng_numpy": rng.bit_generator.state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"latticewatch_training": json.dumps(meta)})
+    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, config: UNetTrainingConfig, net: nn.Module, optimiser, schedule, rng: np.random.Generator) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        raw = (fh.metadata() or {}).get("latticewatch_training")
+    if raw is None:
+        raise CheckpointError(f"{path}: not a latticewatch training checkpoint (no training metadata)")
+    meta = json.loads(raw)
+    ours = _config_meta(config)
+    changed = [k for k in _RESUME_KEYS if meta["config"].get(k) != ours.get(k)]
+    if changed:
+        raise CheckpointError(f"{path}: cannot resume, settings differ from the checkpoint's: "
+                              + ", ".join(f"{k} {meta['config'].get(k)!r} → {ours.get(k)!r}" for k in changed))
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    rng.bit_generator.state = meta["rng_numpy"]
+    torch.set_rng_state(tensors["rng.torch"])
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return {**meta, "best_state": best_state}
+
+
+def train_unet(
+    train: tuple[np.ndarray | Sequence[np.ndarray], np.ndarray | Sequence[np.ndarray]],
+    val: tuple[np.ndarray | Sequence[np.ndarray], np.ndarray | Sequence[np.ndarray]] | None,
+    config: UNetTrainingConfig,
+    *,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    until_step: int | None = None,
+    desc: str = "training",
+) -> TrainingResult:
+    """Train on random augmented crops; keep the weights with the best validation Dice.
+
+    Parameters
+    ----------
+    train, val
+        ``(images, masks)``: preprocessed float32 images and boolean/0-1 masks, an (N, H, W) array
+        or lists of 2-D arrays of any sizes. ``val=None`` trains for exactly ``max_steps`` and
+        keeps the final weights (training on every labelled image, with the step count chosen by
+        cross-validation).
+    checkpoint
+        Written every ``eval_every`` steps (model, best model, optimiser, schedule, random
+        states); with ``resume=True`` an existing one is continued from.
+    until_step
+        Stop after this step as if interrupted (the schedule still spans ``max_steps``), e.g. to
+        train in sessions: a later call with ``resume=True`` continues exactly where this stopped.
+
+    Examples
+    --------
+    >>> config = UNetTrainingConfig(crop=64, batch_size=2, max_steps=2, eval_every=1)
+    >>> images, masks = np.random.rand(3, 64, 64).astype(np.float32), np.random.rand(3, 64, 64) > 0.5
+    >>> result = train_unet((images[:2], masks[:2]), (images[2:], masks[2:]), config, progress=False)
+    >>> result.steps, len(result.history)
+    (2, 2)
+    """
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rng = np.random.default_rng(config.seed)
+    images = [np.asarray(x, np.float32) for x in train[0]]
+    masks = [np.asarray(m).astype(bool) for m in train[1]]
+    val_images = [np.asarray(x, np.float32) for x in val[0]] if val is not None else []
+    val_masks = [np.asarray(m).astype(bool) for m in val[1]] if val is not None else []
+    net = build_net(config.architecture, config.widths)
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    # decaying the rate steadies batch-norm statistics late in training, so validation Dice stops swinging
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.max_steps, eta_min=config.learning_rate / 20)
+    best, best_step, best_state, stale, history, first = -1.0, None, None, 0, [], 1
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, config, net, optimiser, schedule, rng)
+        best, best_step, best_state, stale, history = state["best"], state["best_step"], state["best_state"], state["stale"], state["history"]
+        first = state["step"] + 1
+        log.info("resuming from %s at step %d (best validation Dice %.4f)", checkpoint, first, best)
+    start = time.perf_counter()
+    step = first - 1
+    last = min(config.max_steps, until_step or config.max_steps)
+    bar = tqdm(range(first, last + 1), desc=desc, disable=not progress, unit="step", initial=first - 1, total=config.max_steps)
+    for step in bar:
+        net.train()
+        xb, yb = [], []
+        for _ in range(config.batch_size):
+            i = int(rng.integers(len(images)))
+            x, y = _random_crop(rng, images[i], masks[i], config.crop, config.augment)
+            xb.append(x)
+            yb.append(y)
+        x = torch.from_numpy(np.stack(xb)[:, None])
+        y = torch.from_numpy(np.stack(yb).astype(np.int64))
+        logits = net.logits(x)
+        loss = F.cross_entropy(logits, y) + dice_loss(logits, y.float())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        evaluate = step % config.eval_every == 0 or step == config.max_steps
+        if not evaluate and step != last:
+            continue
+        stop = False
+        if evaluate:
+            last_loss = loss.item()
+            entry = {"step": step, "loss": round(last_loss, 5)}
+            if val_images:
+                dice = dice_score(predict_images(net, val_images), val_masks)
+                entry["val_dice"] = dice
+                bar.set_postfix(loss=f"{last_loss:.3f}", val_dice=f"{dice:.3f}")
+                log.info("step %d: loss %.4f, validation Dice %.4f", step, last_loss, dice)
+                if dice > best + config.min_delta:
+                    best, best_step, stale = dice, step, 0
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                else:
+                    stale += 1
+                    stop = stale >= config.patience
+            else:
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+                log.info("step %d: loss %.4f", step, last_loss)
+            history.append(entry)
+        # off the evaluation grid only when stopping at until_step: save without evaluating, so a
+        # resumed run makes exactly the decisions an uninterrupted one would
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, net=net, best_state=best_state, optimiser=optimiser, schedule=schedule, rng=rng, config=config,
+                            step=step, best=best, best_step=best_step, stale=stale, history=history)
+        if stop:
+            log.info("early stop at step %d: no validation gain in %d evaluations", step, stale)
+            break
+    bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return TrainingResult(net.eval(), best if val_images else None, step, time.perf_counter() - start, history,
+                          best_step if val_images else None)
