@@ -2,31 +2,21 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
 
 @pytest.fixture(scope="session")
 def randomised_net():
-    """``build(arch, widths, seed=0)``: an eval-mode segmentation net whose batch-norm layers are not
-    the identity (random statistics), so export and parity tests exercise them."""
-    torch = pytest.importorskip("torch")
-    from latticewatch.models.architectures import build_net
+    """``build(arch, widths, seed=0)``: see `nets.randomised_net` (needs torch)."""
+    pytest.importorskip("torch")
+    from nets import randomised_net
 
-    def build(arch: str, widths, seed: int = 0):
-        torch.manual_seed(seed)
-        net = build_net(arch, widths)
-        with torch.no_grad():
-            for module in net.modules():
-                if isinstance(module, torch.nn.BatchNorm2d):
-                    module.running_mean.uniform_(-0.2, 0.2)
-                    module.running_var.uniform_(0.5, 2.0)
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.uniform_(-0.2, 0.2)
-        return net.eval()
-
-    return build
+    return randomised_net
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +26,9 @@ def random_unet(randomised_net):
 
 
 @pytest.fixture(scope="session")
-def random_unet_onnx(random_unet, tmp_path_factory):
-    from latticewatch.models.export import export_onnx
-
-    path = tmp_path_factory.mktemp("onnx") / "unet.onnx"
-    export_onnx(random_unet, path)
-    return path
+def random_unet_onnx():
+    """That U-Net as a committed ONNX file (`fixtures/make_random_unet.py`), so runtime tests need no torch."""
+    return FIXTURES / "random_unet.onnx"
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ from PIL import Image
 
 from latticewatch.cli import main
 from latticewatch.sinks.reports import CSV_COLUMNS
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 
 
 @pytest.fixture(scope="module")
 def frames():
     rng = np.random.default_rng(11)
-    return [generate_frame(rng, shape=(512, 512), pixel_size_nm=0.025, n_particles=3, dose_range=(100.0, 150.0)) for _ in range(2)]
+    return [generate_frame(rng, shape=(512, 512), pixel_size_nm=0.025, n_particles=3, dose_range=(100.0, 150.0))
+            for _ in range(2)]
 
 
 @pytest.fixture

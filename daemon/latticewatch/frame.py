@@ -12,6 +12,11 @@ import numpy as np
 #: The five classes of the Groschner et al. (2021) random forest, in the order of its outputs.
 CLASSES: tuple[str, ...] = ("stacking_fault", "no_stacking_fault", "misoriented", "agglomeration", "empty")
 
+#: Frames with a side shorter than this are refused (by the readers, the stream sources and the
+#: analyser): they cannot hold a particle at any sensible sampling, and tiny declared sizes are a
+#: classic sign of a corrupt header.
+MIN_SIDE_PX = 16
+
 
 def file_safe(text: str) -> str:
     """``text`` with every character that is not safe in a file name replaced by ``_``."""

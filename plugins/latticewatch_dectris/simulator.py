@@ -533,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from latticewatch.testing.synthetic import generate_frame
+    from latticewatch.testing.synthetic.frames import generate_frame
 
     rng = np.random.default_rng(args.seed)
     frames = [generate_frame(rng, tuple(args.shape), args.pixel_size_nm).image for _ in range(args.frames)]

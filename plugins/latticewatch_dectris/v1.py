@@ -44,6 +44,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from latticewatch.io.jsonio import parse_timestamp
 from latticewatch_dectris.messages import EncodedImage, MessageError, SeriesEnd, SeriesStart, check_pixels
 
 log = logging.getLogger("latticewatch.dectris.v1")
@@ -292,7 +293,7 @@ def _collection_date(config: dict[str, Any], series: int) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value)
+        return parse_timestamp(value)
     except ValueError:
         log.warning("series %s: unreadable data_collection_date %r; frames get no acquisition time", series, value)
         return None

@@ -1,7 +1,5 @@
 """Import of the published pyNanoFind weights, checked against a forward pass written in numpy."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,8 +10,9 @@ from latticewatch.frame import Frame  # noqa: E402
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from latticewatch.models.keras_import import KerasImportError, read_keras_weights  # noqa: E402
 from latticewatch.runtime.analyser import Analyser  # noqa: E402
+from shared_data import SHARED_DATA
 
-WEIGHTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "pynanofind-unet-weights"
+WEIGHTS = SHARED_DATA / "pynanofind-unet-weights"
 FILES = sorted(WEIGHTS.glob("*.h5"))
 pytestmark = pytest.mark.skipif(not FILES, reason=f"published weights not found in {WEIGHTS}")
 

@@ -1,11 +1,27 @@
-"""The manifest model's own consistency rules."""
+"""The manifest model's consistency rules, and the one place that reads, writes and updates it."""
 
+import importlib
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from latticewatch.models.manifest import Manifest
+from latticewatch.io.atomic import is_temporary
+from latticewatch.models.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    file_digests,
+    read_manifest,
+    recorded_command,
+    relative_path,
+    sha256_of,
+    update_manifest,
+    write_manifest,
+)
 from latticewatch_nanoparticles import profile_dir as PROFILE_DIR
 
 
@@ -15,3 +31,58 @@ def test_segmentation_and_isolation_thresholds_must_agree():
     raw["isolation"]["threshold"] = raw["segmentation"]["threshold"] + 0.1
     with pytest.raises(ValidationError, match="isolation.threshold"):
         Manifest.model_validate(raw)
+
+
+def copy_of_profile(tmp_path):
+    out = tmp_path / "profile"
+    shutil.copytree(PROFILE_DIR, out, ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
+    return out
+
+
+def test_update_manifest_validates_verifies_and_writes_atomically(tmp_path):
+    out = copy_of_profile(tmp_path)
+
+    def lower(m):
+        m["segmentation"]["threshold"] = m["isolation"]["threshold"] = 0.4
+
+    assert update_manifest(out, lower, dry_run=True).segmentation.threshold == 0.4
+    assert read_manifest(out).segmentation.threshold != 0.4  # a dry run writes nothing
+    assert update_manifest(out, lower).segmentation.threshold == 0.4
+    assert read_manifest(out).isolation.threshold == 0.4
+    assert not [p for p in out.iterdir() if is_temporary(p)]
+
+    before = (out / MANIFEST_NAME).read_bytes()
+    with pytest.raises(ManifestError, match="invalid"):
+        update_manifest(out, lambda m: m["segmentation"].update(threshold=0.3))  # isolation disagrees
+    with pytest.raises(ManifestError, match="sha256"):
+        update_manifest(out, lambda m: m["files"].update({"unet.onnx": "0" * 64}))
+    assert (out / MANIFEST_NAME).read_bytes() == before
+
+
+def test_write_manifest_refuses_files_it_does_not_describe(tmp_path):
+    out = copy_of_profile(tmp_path)
+    manifest = read_manifest(out)
+    (out / "forest.skops").write_bytes(b"another forest")
+    with pytest.raises(ManifestError, match="forest.skops"):
+        write_manifest(out, manifest)
+    assert write_manifest(out, manifest.model_copy(update={"files": {**manifest.files, **file_digests(
+        out, ["forest.skops"])}})).files["forest.skops"] == sha256_of(out / "forest.skops")
+
+
+def test_recorded_commands_carry_no_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = Path("/data/sets/graphene")
+    argv = ["train", "--images", f"{data}/images", "--labels", f"{data}/labels", "--out", str(tmp_path / "profiles/g"),
+            "--json=/scratch/cv/fpn.json", "--name", "my profile", "--steps", "5"]
+    assert recorded_command(argv, data) == ("latticewatch train --images graphene/images --labels graphene/labels "
+                                            "--out profiles/g --json=fpn.json --name 'my profile' --steps 5")
+    assert relative_path("sim/train/images", data) == "sim/train/images"  # as typed: already relative
+
+
+@pytest.mark.parametrize("plugin", ["latticewatch_nanoparticles", "latticewatch_graphene"])
+def test_shipped_manifests_record_no_machine_paths(plugin):
+    directory = Path(importlib.import_module(plugin).profile_dir)
+    manifest = read_manifest(directory)
+    for key, entry in manifest.training.items():
+        for text in (entry.command, entry.data):
+            assert not re.search(r"(^|[\s='(])/(work|tmp|home|root|Users)/", text), f"{plugin} training.{key}: {text}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from latticewatch.models.manifest import sha256_of
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 from latticewatch.frame import CLASSES, Frame
 from latticewatch.errors import FrameError
 from latticewatch.runtime.analyser import Analyser
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,14 @@ def dice(a, b):
 @pytest.fixture(scope="module")
 def multislice():
     """A fresh abTEM image (Au/Pd at 0.04 nm/px, 384²): the shipped profile was trained on such data."""
-    from latticewatch.training import simulate
+    from latticewatch.training.simulate.config import preset_config
+    from latticewatch.training.simulate.image import simulate_image
+    from latticewatch.training.simulate.multislice import configure_abtem
 
-    simulate.configure_abtem()
-    config = simulate.preset_config("default", size=384, pixel_size_nm=(0.04, 0.04), materials={"Au": 1.0, "Pd": 1.0},
-                                    particles_per_image=(3, 4), particle_size_nm=(3, 6), max_sim_sampling_angstrom=0.25)
-    return simulate.simulate_image(config, 0, 0)
+    configure_abtem()
+    config = preset_config("default", size=384, pixel_size_nm=(0.04, 0.04), materials={"Au": 1.0, "Pd": 1.0},
+                           particles_per_image=(3, 4), particle_size_nm=(3, 6), max_sim_sampling_angstrom=0.25)
+    return simulate_image(config, 0, 0)
 
 
 def test_finds_the_particles_of_a_fresh_multislice_frame(analyser, multislice):

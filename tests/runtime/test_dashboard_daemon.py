@@ -55,7 +55,8 @@ def daemon(tmp_path):
     config.write_text(
         f'profile = "nanoparticles"\ndata_dir = "data"\n[runtime]\nthreads = 1\n[archive]\nenabled = false\n'
         f'[events]\nenabled = false\n[metrics]\nenabled = false\n'
-        f'[dashboard]\nport = {port}\nmax_rate_hz = 10\nverdict_min_particles = 1000000\nverdict_file = "lw_verdict.json"\n'
+        f'[dashboard]\nport = {port}\nmax_rate_hz = 10\nverdict_min_particles = 1000000\n'
+        'verdict_file = "lw_verdict.json"\n'
         f'[sources.scope]\nkind = "folder"\npath = "incoming"\nsettle_s = 0.3\n'
     )
     log = open(tmp_path / "daemon.log", "ab")
@@ -68,7 +69,8 @@ def daemon(tmp_path):
                to_folder=incoming, serialem_stack=stack)
 
     try:
-        wait_until(lambda: urllib.request.urlopen(url + "/healthz", timeout=2).status == 200, 60, "the dashboard to listen")
+        wait_until(lambda: urllib.request.urlopen(url + "/healthz", timeout=2).status == 200, 60,
+                   "the dashboard to listen")
         yield url, incoming, feed
     finally:
         proc.terminate()
@@ -87,7 +89,8 @@ def test_verdict_api_and_state_over_http_from_a_running_daemon(daemon):
     assert err.value.code == 503 and json.load(err.value)["verdict"] is None
     (incoming / "broken.mrc").write_bytes(b"MRC? no." * 200)
     feed(N_FRAMES, 0, "grid1.mrc")
-    wait_until(lambda: get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120, "every frame on the dashboard")
+    wait_until(lambda: get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120,
+               "every frame on the dashboard")
     verdict = get_json(url + "/api/verdict/latest")
     assert set(verdict) >= {"frame_id", "particle_count", "coverage", "defect_fraction", "verdict", "rule"}
     assert verdict["frame_id"].endswith(f"grid1.mrc#{N_FRAMES - 1}")
@@ -96,7 +99,8 @@ def test_verdict_api_and_state_over_http_from_a_running_daemon(daemon):
                "the verdict file next to the stack")
     state = get_json(url + "/api/state")
     assert len(state["series"]) == N_FRAMES
-    wait_until(lambda: get_json(url + "/api/state")["totals"]["errors"] >= 1, 30, "the broken file among the recent errors")
+    wait_until(lambda: get_json(url + "/api/state")["totals"]["errors"] >= 1, 30,
+               "the broken file among the recent errors")
     errors = get_json(url + "/api/state")["errors"]
     assert any("broken.mrc" in (e["frame_id"] or "") for e in errors)
     wait_until(lambda: get_json(url + "/api/state")["latency"]["p50_s"] is not None, 30, "runner latencies")
@@ -155,7 +159,8 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     assert int(attr(dom, "", "data-sse-messages") or 0) >= 1  # snapshots also came over server-sent events
 
     feed(3, 1, "grid2.mrc")  # more frames: the thumbnail must move on
-    wait_until(lambda: get_json(url + "/api/state")["thumbnail"]["frame_id"].endswith("grid2.mrc#2"), 120, "the new frames")
+    wait_until(lambda: get_json(url + "/api/state")["thumbnail"]["frame_id"].endswith("grid2.mrc#2"), 120,
+               "the new frames")
     dom = dump_dom(tmp_path, url + "/")
     assert attr(dom, "thumb", "src") != first_thumb
     assert attr(dom, "thumb", "data-frame").endswith("grid2.mrc#2")

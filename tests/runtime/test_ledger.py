@@ -5,8 +5,9 @@ import sqlite3
 
 import pytest
 
+from latticewatch.runtime.eventlog import EventLog
 from latticewatch.runtime.ledger import Ledger, LedgerError
-from latticewatch.sinks.events import EventLog, error_event, render
+from latticewatch.sinks.events import ParticleEvent, error_event, now, render
 
 
 @pytest.fixture
@@ -16,8 +17,16 @@ def ledger(tmp_path):
     ledger.close()
 
 
+def particles(n, frame_id):
+    return [ParticleEvent(event_id=f"{frame_id}/region/{i}", at=now(), frame_id=frame_id, region_id=i,
+                          bbox=(0, 0, 2, 2), centroid_px=(1.0, 1.0), centroid_nm=None, area_px=4, area_nm2=None,
+                          equivalent_diameter_nm=None, eccentricity=0.0, solidity=1.0, touches_edge=False,
+                          agglomerate_suspect=False, features={}, label="unclassified", probabilities={})
+            for i in range(n)]
+
+
 def lines(n, frame_id):
-    return "".join(json.dumps({"event_id": f"{frame_id}/region/{i}"}) + "\n" for i in range(n))
+    return render(particles(n, frame_id))
 
 
 def test_states_move_forward_only(ledger):
@@ -46,12 +55,13 @@ def test_event_log_cut_back_and_republished_after_a_crash(tmp_path, ledger):
     log = EventLog(tmp_path / "events.jsonl", ledger)
     for fid in ("f1", "f2"):
         ledger.see(fid, source="s", origin="o")
-    ledger.analysed("f1", lines(2, "f1"))
-    log.publish("f1", lines(2, "f1"))
-    ledger.analysed("f2", lines(3, "f2"))
+    f1, f2 = particles(2, "f1"), particles(3, "f2")
+    ledger.analysed("f1", render(f1))
+    log.publish("f1", f1)
+    ledger.analysed("f2", render(f2))
     # the crash: f2's events half-written to the log, the ledger never told
     with open(tmp_path / "events.jsonl", "a") as fh:
-        fh.write(lines(3, "f2")[:40])
+        fh.write(render(f2)[:40])
     restarted = EventLog(tmp_path / "events.jsonl", ledger)
     assert restarted.recover() == 1
     ids = [json.loads(line)["event_id"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]

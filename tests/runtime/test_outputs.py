@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latticewatch.schemas import SCHEMAS, load_schema
 from latticewatch.testing.replay import SerialEMStack
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 
 N_FRAMES = 6
 
@@ -49,7 +49,8 @@ def wait_until(predicate, timeout, what):
 
 def scrape(port):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def daemon(tmp_path_factory):
 
     try:
         # the subscription is live once status events arrive: only then write frames (no slow-joiner loss)
-        wait_until(lambda: (receive(), any(m[0] == b"latticewatch.status" for m in messages))[1], 120, "the first status event")
+        wait_until(lambda: (receive(), any(m[0] == b"latticewatch.status" for m in messages))[1], 120,
+                   "the first status event")
         (incoming / "broken.mrc").write_bytes(b"MRC? no." * 200)
         rng = np.random.default_rng(12)  # frames the shipped profile reads as 4 faulted + 3 clean oriented particles
         stack = SerialEMStack(incoming / "grid1.mrc", pixel_size_nm=0.05)
@@ -99,7 +101,8 @@ def daemon(tmp_path_factory):
 
         wait_until(done, 180, "every frame's events")
         # the archive runs behind publication: wait until it wrote every frame
-        wait_until(lambda: scrape(metrics_port).get(("latticewatch_archive_frames_total", ())) == N_FRAMES, 60, "the archive")
+        wait_until(lambda: scrape(metrics_port).get(("latticewatch_archive_frames_total", ())) == N_FRAMES, 60,
+                   "the archive")
         receive(300)
         yield {"messages": list(messages), "metrics_port": metrics_port, "state": tmp / "data" / "state", "tmp": tmp}
     finally:
@@ -128,12 +131,14 @@ def test_every_message_sent_validates_against_its_shipped_schema(daemon):
 
 def test_messages_are_the_durable_log_byte_for_byte_with_deterministic_ids(daemon):
     logged = [line for line in (daemon["state"] / "events.jsonl").read_text().splitlines() if line]
-    sent = [payload.decode() for topic, payload in daemon["messages"] if topic not in (b"latticewatch.status", b"latticewatch.defect")]
+    sent = [payload.decode() for topic, payload in daemon["messages"]
+            if topic not in (b"latticewatch.status", b"latticewatch.defect")]
     assert sent == logged  # same bytes, same order, nothing twice
     frames = [json.loads(p) for p in sent if json.loads(p)["type"] == "frame"]
     assert [f["event_id"] for f in frames] == [f"scope:grid1.mrc#{k}/frame" for k in range(N_FRAMES)]
     for f in frames:
-        particles = [json.loads(p) for p in sent if json.loads(p).get("frame_id") == f["frame_id"] and json.loads(p)["type"] == "particle"]
+        particles = [json.loads(p) for p in sent
+                     if json.loads(p).get("frame_id") == f["frame_id"] and json.loads(p)["type"] == "particle"]
         assert [p["event_id"] for p in particles] == [f"{f['frame_id']}/region/{i}" for i in range(f["particles"])]
     defects = [json.loads(p) for t, p in daemon["messages"] if t == b"latticewatch.defect"]
     faults = [json.loads(p) for p in sent if json.loads(p).get("label") == "stacking_fault"]
@@ -174,7 +179,8 @@ def test_metrics_scraped_over_http_match_what_was_sent(daemon):
     assert m[("latticewatch_frames_total", (("outcome", "quarantined"), ("source", "scope")))] == 1
     assert m[("latticewatch_quarantined_frames_total", ())] == 1
     assert m[("latticewatch_frame_latency_seconds_count", ())] == N_FRAMES
-    assert m[("latticewatch_frame_latency_seconds_sum", ())] == pytest.approx(sum(f["runner"]["latency_s"] for f in frames), rel=1e-6)
+    assert m[("latticewatch_frame_latency_seconds_sum", ())] == pytest.approx(
+        sum(f["runner"]["latency_s"] for f in frames), rel=1e-6)
     for stage in frames[0]["timings_s"]:
         assert m[("latticewatch_stage_seconds_count", (("stage", stage),))] == N_FRAMES
     by_class = {}
@@ -221,7 +227,8 @@ def test_a_real_prometheus_scrapes_the_daemon_and_answers_promql_about_defect_fr
     try:
         expected = expected_defect_fraction(frame_events(daemon))
         assert 0 < expected < 1  # the seeded frames hold faulted and clean particles: a real number to ask about
-        result = wait_until(lambda: query('latticewatch_defect_fraction_rolling{job="latticewatch"}'), 60, "Prometheus's first scrape")
+        result = wait_until(lambda: query('latticewatch_defect_fraction_rolling{job="latticewatch"}'), 60,
+                            "Prometheus's first scrape")
         assert float(result[0]["value"][1]) == pytest.approx(expected, rel=1e-9)
         analysed = wait_until(lambda: query('sum(latticewatch_frames_total{outcome="analysed"})'), 30, "frames")
         assert float(analysed[0]["value"][1]) == N_FRAMES
@@ -255,6 +262,7 @@ def test_events_command_replays_the_log_since_an_id_a_time_and_by_topic(daemon, 
 
 
 def test_a_stalled_subscriber_never_slows_publishing_and_drops_are_counted():
+    from latticewatch.sinks.events import ParticleEvent, error_event, now
     from latticewatch.sinks.publisher import EventPublisher
 
     ctx = zmq.Context()
@@ -263,11 +271,16 @@ def test_a_stalled_subscriber_never_slows_publishing_and_drops_are_counted():
     stalled.setsockopt(zmq.RCVHWM, 10)
     stalled.setsockopt(zmq.SUBSCRIBE, b"")
     stalled.connect(pub.address)
-    wait_until(lambda: (pub.on_events('{"event_id":"probe","type":"frame"}\n'), stalled.poll(10))[1], 10, "the subscription")
-    line = json.dumps({"event_id": "m:0/region/0", "type": "particle", "label": "stacking_fault", "pad": "x" * 1000})
+    wait_until(lambda: (pub.consume([error_event("probe", "", "probe")]), stalled.poll(10))[1], 10, "the subscription")
+    fault = ParticleEvent(event_id="m:0/region/0", at=now(), frame_id="m:0", region_id=0, bbox=(0, 0, 2, 2),
+                          centroid_px=(1.0, 1.0), centroid_nm=None, area_px=4, area_nm2=None,
+                          equivalent_diameter_nm=None, eccentricity=0.0, solidity=1.0, touches_edge=False,
+                          agglomerate_suspect=False, features={f"pad{i}": 0.0 for i in range(70)},
+                          label="stacking_fault", probabilities={})
+    assert len(fault.rendered()) > 1000
     start = time.perf_counter()
     for _ in range(5000):
-        pub.on_events(line + "\n")  # never read by the subscriber
+        pub.consume([fault])  # never read by the subscriber
     elapsed = time.perf_counter() - start
     assert elapsed < 5  # 10 000 sends (particle + defect) without waiting for anyone
     # TCP buffers absorb a load-dependent share (~1–2 k of these 1 kB messages); the rest must be dropped

@@ -23,7 +23,8 @@ def frame_ids(evts, kind="frame"):
 def run(runner_cls, analyser, state, items, **kw):
     pipeline = Pipeline(analyser, state, budget_ms=10_000)
     try:
-        return runner_cls(pipeline, **kw).run([MemorySource(items, name="m", pixel_size_nm=0.05, closed=True)], threading.Event())
+        source = MemorySource(items, name="m", pixel_size_nm=0.05, closed=True)
+        return runner_cls(pipeline, **kw).run([source], threading.Event())
     finally:
         pipeline.close()
 
@@ -95,6 +96,7 @@ def test_spooled_frames_of_a_dead_run_are_analysed_on_restart(analyser, syntheti
 @pytest.mark.parametrize("runner_cls", [InlineRunner, PipelinedRunner])
 def test_overruns_are_counted_against_the_budget(analyser, synthetic_images, tmp_path, runner_cls):
     pipeline = Pipeline(analyser, StateDir(tmp_path), budget_ms=0.001)
-    stats = runner_cls(pipeline).run([MemorySource(synthetic_images[:2], name="m", pixel_size_nm=0.05)], threading.Event())
+    source = MemorySource(synthetic_images[:2], name="m", pixel_size_nm=0.05)
+    stats = runner_cls(pipeline).run([source], threading.Event())
     pipeline.close()
     assert stats.overruns == 2 and stats.phase_seconds["segment"] > 0

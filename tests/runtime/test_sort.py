@@ -11,9 +11,10 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from latticewatch.cli import main
+from shared_data import SHARED_DATA, requires
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "graphene-contamination"
-pytestmark = pytest.mark.skipif(not (DATA / "images").is_dir(), reason=f"graphene data set not found in {DATA}")
+DATA = SHARED_DATA / "graphene-contamination"
+pytestmark = requires("graphene-contamination", "images")
 
 
 @pytest.fixture(scope="module")

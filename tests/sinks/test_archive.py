@@ -33,14 +33,12 @@ from latticewatch.sinks.archive import (
 from latticewatch.sinks.archive.bench import run_archive_bench, synthetic_frame
 from latticewatch.sinks.archive.reduce import (
     Policy,
-    dilate_square,
     margin_to_pixels,
     reduce_frame,
     restore_mask,
     restore_pixels,
-    run_lengths,
-    runs_to_bool,
 )
+from latticewatch.sinks.archive.runs import dilate_square, run_lengths, runs_to_bool
 
 DTYPES = ["i1", "u1", "<i2", ">i2", "<u2", ">u2", "<i4", ">u4", "<i8", "<u8", "<f2", "<f4", ">f4", "<f8"]
 POLICIES = st.one_of(
@@ -560,7 +558,9 @@ def docs_snippet() -> str:
     pytest.fail("the plain-h5py snippet of the archive docs was not found in README.md")
 
 
-@pytest.mark.parametrize("policy", ["drop", "drop:100", "mean", "quantize:1", "quantize:3", "quantize:4", "quantize:10"])
+@pytest.mark.parametrize(
+    "policy", ["drop", "drop:100", "mean", "quantize:1", "quantize:3", "quantize:4", "quantize:10"]
+)
 def test_docs_snippet_reads_the_layout_with_plain_h5py(tmp_path, monkeypatch, policy):
     pixels, mask = synthetic_frame(128, 0.2, pixel_size_nm=0.05, seed=1)
     with ArchiveWriter(tmp_path, "session-1", policy=policy, margin_nm=0.1, fsync=False) as writer:
@@ -676,7 +676,7 @@ def test_bench_smoke():
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32])
 def test_split_encoding_round_trips_and_packs_to_minimum_bits(dtype):
-    from latticewatch.sinks.archive.reduce import join_bytes, split_bytes
+    from latticewatch.sinks.archive.bitpack import join_bytes, split_bytes
 
     info = np.iinfo(dtype)
     rng = np.random.default_rng(0)
@@ -696,7 +696,7 @@ def test_split_encoding_round_trips_and_packs_to_minimum_bits(dtype):
 
 
 def test_split_encoding_declines_floats_and_64_bit():
-    from latticewatch.sinks.archive.reduce import split_bytes
+    from latticewatch.sinks.archive.bitpack import split_bytes
 
     assert split_bytes(np.arange(10, dtype=np.float32)) is None
     assert split_bytes(np.arange(10, dtype=np.int64)) is None

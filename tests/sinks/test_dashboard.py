@@ -9,24 +9,18 @@ import urllib.request
 import numpy as np
 import pytest
 
-from latticewatch.frame import Analysis, Frame, Region
 from latticewatch.sinks.dashboard import DashboardSink, DashboardState, VerdictRule, size_histograms
+from latticewatch.sinks.events import RunnerInfo, error_event, frame_events
 
 
-def region(i, label, diameter_nm):
-    return Region(region_id=i, bbox=(2 * i, 2 * i, 2 * i + 4, 2 * i + 4), centroid_px=(2 * i + 2, 2 * i + 2), centroid_nm=None,
-                  area_px=12, area_nm2=np.pi * diameter_nm**2 / 4, equivalent_diameter_nm=diameter_nm, eccentricity=0.1,
-                  solidity=0.9, touches_edge=False, agglomerate_suspect=False, features={}, label=label)
+@pytest.fixture
+def events_of(analysed):
+    """``events_of(k, [(label, diameter_nm), …], runner=…)``: what the event log hands the dashboard for one frame."""
 
+    def make(k, labels_diameters, runner=RunnerInfo(phases_s={}, latency_s=0.1, budget_ms=None, overrun=False)):
+        return frame_events(*analysed(k, labels_diameters), runner)
 
-def frame_and_analysis(k, labels_diameters, coverage_px=10):
-    pixels = np.random.default_rng(k).normal(size=(64, 64)).astype(np.float32)
-    mask = np.zeros((64, 64), np.uint8)
-    mask.flat[:coverage_px] = 1
-    regions = tuple(region(i, lab, d) for i, (lab, d) in enumerate(labels_diameters))
-    frame = Frame(f"cam:{k}", pixels, pixel_size_nm=0.05, origin="")
-    analysis = Analysis(frame.frame_id, mask, regions, {"segment": 0.01}, {}, "test", 0.05, 0.9)
-    return frame, analysis
+    return make
 
 
 def test_size_histograms_bins_cover_the_data_and_fraction_per_bin():
@@ -40,34 +34,38 @@ def test_size_histograms_bins_cover_the_data_and_fraction_per_bin():
     assert h["defect_fraction"][-1] is None  # only an "empty" particle there
 
 
-def test_state_counts_series_rolling_fraction_and_bounds():
+def test_state_counts_series_rolling_fraction_and_bounds(analysed):
     state = DashboardState(history=5, particles=7, rolling=2)
     for k in range(8):
-        state.add_analysis(*frame_and_analysis(k, [("stacking_fault", 3.0), ("no_stacking_fault", 4.0), ("no_stacking_fault", 5.0)]))
+        labels = [("stacking_fault", 3.0), ("no_stacking_fault", 4.0), ("no_stacking_fault", 5.0)]
+        state.add_analysis(*analysed(k, labels))
     snap = state.snapshot()
     assert snap["totals"]["frames"] == 8 and snap["totals"]["particles"] == 24
     assert snap["class_totals"]["stacking_fault"] == 8 and snap["class_totals"]["no_stacking_fault"] == 16
     assert len(snap["series"]) == 5  # bounded history
-    assert snap["series"][-1]["defect_fraction"] == pytest.approx(1 / 3) and snap["series"][-1]["rolling"] == pytest.approx(1 / 3, abs=1e-4)
+    assert snap["series"][-1]["defect_fraction"] == pytest.approx(1 / 3)
+    assert snap["series"][-1]["rolling"] == pytest.approx(1 / 3, abs=1e-4)
     assert sum(sum(v) for v in snap["sizes"]["counts"].values()) == 7  # bounded particle memory
     json.dumps(snap)  # the page gets it as JSON
 
 
-def test_runner_events_give_latency_overruns_and_errors():
+def test_runner_events_give_latency_overruns_and_errors(events_of):
     state = DashboardState(budget_ms=100)
-    state.add_runner_event({"type": "frame", "frame_id": "a", "runner": {"latency_s": 0.3, "phases_s": {"x": 0.2}, "overrun": True, "budget_ms": 100}})
-    state.add_runner_event({"type": "error", "frame_id": "b", "problem": "bad header", "origin": "/x.mrc", "at": "t"})
-    state.add_runner_event({"type": "particle", "frame_id": "a"})  # ignored
+    runner = RunnerInfo(latency_s=0.3, phases_s={"x": 0.2}, overrun=True, budget_ms=100)
+    frame, particle = events_of(0, [("empty", 2.0)], runner)
+    state.add_runner_event(frame)
+    state.add_runner_event(error_event("b", "/x.mrc", "bad header"))
+    state.add_runner_event(particle)  # ignored
     snap = state.snapshot()
     assert snap["totals"]["overruns"] == 1 and snap["latency"]["last_s"] == 0.3
     assert snap["errors"][0]["problem"] == "bad header" and snap["totals"]["errors"] == 1
 
 
-def test_verdict_rule():
+def test_verdict_rule(analysed):
     rule = VerdictRule(min_particles=2, min_coverage=0.01)
     state = DashboardState(rule=rule)
-    assert state.add_analysis(*frame_and_analysis(0, [("empty", 2.0)]))["verdict"] == "skip"
-    v = state.add_analysis(*frame_and_analysis(1, [("empty", 2.0), ("stacking_fault", 3.0)], coverage_px=100))
+    assert state.add_analysis(*analysed(0, [("empty", 2.0)]))["verdict"] == "skip"
+    v = state.add_analysis(*analysed(1, [("empty", 2.0), ("stacking_fault", 3.0)], coverage_px=100))
     assert v["verdict"] == "keep" and v["particle_count"] == 2 and v["rule"] == str(rule)
 
 
@@ -76,8 +74,9 @@ def get(url, timeout=5):
         return r.status, r.headers.get("Content-Type"), r.read()
 
 
-def test_sink_serves_page_verdict_thumbnail_and_events(tmp_path):
-    sink = DashboardSink(port=0, rule=VerdictRule(min_particles=2), verdict_file=str(tmp_path / "verdict.json"), max_rate_hz=20)
+def test_sink_serves_page_verdict_thumbnail_and_events(tmp_path, events_of):
+    sink = DashboardSink(port=0, rule=VerdictRule(min_particles=2), verdict_file=str(tmp_path / "verdict.json"),
+                         max_rate_hz=20)
     try:
         with pytest.raises(urllib.error.HTTPError) as err:
             get(sink.url + "/api/verdict/latest")
@@ -87,7 +86,7 @@ def test_sink_serves_page_verdict_thumbnail_and_events(tmp_path):
         assert b"EventSource" in get(sink.url + "/dashboard.js")[2]
         stream = urllib.request.urlopen(sink.url + "/events", timeout=5)
         assert stream.headers["Content-Type"] == "text/event-stream"
-        sink.consume(*frame_and_analysis(3, [("stacking_fault", 3.0)]))
+        sink.consume(events_of(3, [("stacking_fault", 3.0)]))
         verdict = json.loads(get(sink.url + "/api/verdict/latest")[2])
         assert verdict["frame_id"] == "cam:3" and verdict["verdict"] == "skip"
         deadline = time.monotonic() + 10
@@ -108,7 +107,7 @@ def test_sink_serves_page_verdict_thumbnail_and_events(tmp_path):
         sink.close()
 
 
-def test_slow_browser_is_dropped_and_the_sink_never_waits():
+def test_slow_browser_is_dropped_and_the_sink_never_waits(events_of):
     sink = DashboardSink(port=0, sse_queue=2, max_rate_hz=50)
     try:
         s = socket.create_connection(sink.server.server_address[:2])
@@ -117,13 +116,13 @@ def test_slow_browser_is_dropped_and_the_sink_never_waits():
         time.sleep(0.3)
         started = time.perf_counter()
         for k in range(300):
-            sink.consume(*frame_and_analysis(k, [("stacking_fault", 3.0)] * 20))
+            sink.consume(events_of(k, [("stacking_fault", 3.0)] * 20))
         assert time.perf_counter() - started < 5  # consume only records
         deadline = time.monotonic() + 30
         k = 300
         while sink.hub.dropped == 0:  # keep the page changing until the kernel buffers are full
             assert time.monotonic() < deadline, "the stalled browser was never dropped"
-            sink.consume(*frame_and_analysis(k, [("stacking_fault", 3.0)] * 20))
+            sink.consume(events_of(k, [("stacking_fault", 3.0)] * 20))
             k += 1
             time.sleep(0.01)
         assert sink.hub.count == 0

@@ -8,7 +8,7 @@ import mrcfile
 import numpy as np
 from PIL import Image
 
-from latticewatch.testing.synthetic import generate_frame, generate_region
+from latticewatch.testing.synthetic.frames import generate_frame, generate_region
 
 
 def write_mrc(path: Path, pixels: np.ndarray, pixel_size_nm: float | None) -> None:
@@ -35,7 +35,9 @@ def write_analytic_set(root: Path, n: int, *, side: int, pixel_size_nm: float, s
     return images, labels
 
 
-def write_crops_index(root: Path, n_images: int, *, size_px: int = 128, pixel_size_nm: float = 0.05, seed: int = 0) -> Path:
+def write_crops_index(
+    root: Path, n_images: int, *, size_px: int = 128, pixel_size_nm: float = 0.05, seed: int = 0,
+) -> Path:
     """``root/crops/index.csv`` in the `latticewatch simulate` layout: each of ``n_images``
     source images contributes one region crop (MRC) + mask (PNG) of every class."""
     from latticewatch.frame import CLASSES

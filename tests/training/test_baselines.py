@@ -1,7 +1,6 @@
 """Classical baselines (Otsu, Fourier annulus, Bragg filter): fitted on real pixels, JSON round trip."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +20,10 @@ from latticewatch.training.assess.baselines import (
 )
 from latticewatch.training.data.labelled import group_folds, load_labelled
 from latticewatch.training.assess.metrics import pooled_dice
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
+from shared_data import SHARED_DATA, requires
 
-GRAPHENE = Path("/work/shared/data/graphene-contamination")
+GRAPHENE = SHARED_DATA / "graphene-contamination"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_polarity_is_learnt_when_the_foreground_is_where_the_lattice_is_missing(
     assert pooled_dice([bragg.predict(x) for x in images], masks) > 0.8
 
 
-@pytest.mark.skipif(not (GRAPHENE / "images").is_dir(), reason="graphene data of Sadre et al. not present")
+@requires("graphene-contamination", "images")
 def test_bragg_filter_finds_contamination_on_real_graphene_images():
     names = sorted(p.stem for p in (GRAPHENE / "images").glob("*.png"))
     folds = group_folds(names, 4, seed=0)

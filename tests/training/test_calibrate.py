@@ -14,7 +14,9 @@ from latticewatch.cli import main
 from latticewatch.models.manifest import read_manifest
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.io.readers import read_frames
-from latticewatch.training.assess.calibrate import d_spacing, farthest_points, measure_fringe_frequency
+from latticewatch.training.assess.calibrate.crystals import d_spacing
+from latticewatch.training.assess.calibrate.fringes import measure_fringe_frequency
+from latticewatch.training.assess.calibrate.int8_set import farthest_points
 from latticewatch_nanoparticles import profile_dir
 
 EXAMPLE_TOML = Path(__file__).resolve().parents[2] / "calibration" / "example-300kv-4k-camera.toml"

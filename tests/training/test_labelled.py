@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from latticewatch.training.data.labelled import LabelledDataError, group_folds, load_labelled, series_of
+from shared_data import SHARED_DATA, requires
 
-GRAPHENE = Path("/work/shared/data/graphene-contamination")
+GRAPHENE = SHARED_DATA / "graphene-contamination"
 
 
 def _pair(root: Path, name: str, *, side: int = 32, label: np.ndarray | None = None, mrc_pixel_nm: float | None = None):
@@ -77,7 +78,7 @@ def test_series_of_strips_the_layer_suffix_only():
     assert series_of("layer_0001_x") == "layer_0001_x"
 
 
-@pytest.mark.skipif(not (GRAPHENE / "images").is_dir(), reason="graphene data of Sadre et al. not present")
+@requires("graphene-contamination", "images")
 def test_folds_never_split_a_series_of_the_real_graphene_images():
     names = sorted(p.stem for p in (GRAPHENE / "images").glob("*.png"))
     assert len(names) == 98

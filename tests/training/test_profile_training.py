@@ -11,7 +11,7 @@ from latticewatch.cli import main  # noqa: E402
 from latticewatch.frame import Frame  # noqa: E402
 from latticewatch.models.manifest import read_manifest  # noqa: E402
 from latticewatch.runtime.analyser import Analyser  # noqa: E402
-from latticewatch.testing.synthetic import generate_frame  # noqa: E402
+from latticewatch.testing.synthetic.frames import generate_frame  # noqa: E402
 from latticewatch.training.fit.unet import UNetTrainingConfig, train_unet  # noqa: E402
 
 

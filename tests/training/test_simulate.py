@@ -19,24 +19,34 @@ pytest.importorskip("ase")
 
 from latticewatch.cli import main
 from latticewatch.frame import CLASSES
-from latticewatch.training import simulate as sim
+from latticewatch.training.simulate.config import (
+    MASK_ATOM_RADIUS_NM,
+    MASK_CLOSING_NM,
+    SimulationConfig,
+    image_streams,
+    preset_config,
+)
+from latticewatch.training.simulate.image import GENERATOR
+from latticewatch.training.simulate.optics import detect, draw_conditions
+from latticewatch.training.simulate.scene import build_cell, compose_scene
+from latticewatch.training.simulate.truth import pixel_coordinates, rasterise
 
 SMALL = ["--size", "128", "--pixel-size-nm", "0.05", "0.05", "--particle-size-nm", "1.5", "2.5",
          "--carbon-thickness-nm", "1", "1.5", "--particles-per-image", "2", "3"]
 
 
 def small_config(**kw):
-    values = {"size": 128, "pixel_size_nm": (0.05, 0.05), "particle_size_nm": (1.5, 2.5), "carbon_thickness_nm": (1.0, 1.5),
-              "particles_per_image": (2, 3)}
+    values = {"size": 128, "pixel_size_nm": (0.05, 0.05), "particle_size_nm": (1.5, 2.5),
+              "carbon_thickness_nm": (1.0, 1.5), "particles_per_image": (2, 3)}
     values.update(kw)
-    return sim.SimulationConfig(**values)
+    return SimulationConfig(**values)
 
 
 def _scene(config, seed, index):
-    rngs = sim.image_streams(seed, index)
-    conditions = sim.draw_conditions(rngs["conditions"], config)
-    scene = sim.compose_scene(rngs["scene"], config, conditions)
-    cell = sim.build_cell(scene, conditions, config, rngs["carbon"], rngs["thermal"])
+    rngs = image_streams(seed, index)
+    conditions = draw_conditions(rngs["conditions"], config)
+    scene = compose_scene(rngs["scene"], config, conditions)
+    cell = build_cell(scene, conditions, config, rngs["carbon"], rngs["thermal"])
     return conditions, scene, cell
 
 
@@ -51,18 +61,18 @@ def test_mask_is_the_projected_footprint_of_the_atoms(classes):
     checked = 0
     for index in range(6):
         conditions, scene, cell = _scene(config, 7, index)
-        instances = sim.rasterise(scene, cell, conditions, shape)
+        instances = rasterise(scene, cell, conditions, shape)
         px = 10 * conditions["pixel_size_nm"]
-        radius_px = 10 * sim.MASK_ATOM_RADIUS_NM / px
+        radius_px = 10 * MASK_ATOM_RADIUS_NM / px
         for p, atoms in zip(scene.particles, cell.particle_atoms):
-            rc = sim.pixel_coordinates(atoms[:, :2], px, conditions["simulation"]["sampling_angstrom"])
+            rc = pixel_coordinates(atoms[:, :2], px, conditions["simulation"]["sampling_angstrom"])
             mine = instances == p.instance
             # every projected atom centre falls inside its own instance
             r, c = np.round(rc).astype(int).T
             assert mine[r, c].all()
             # every mask pixel lies within an atomic radius of an atom, except the notches and
             # holes between columns that the closing fills: those within radius + closing
-            closing_px = 10 * sim.MASK_CLOSING_NM / px
+            closing_px = 10 * MASK_CLOSING_NM / px
             rows, cols = np.nonzero(mine)
             dist, _ = cKDTree(rc).query(np.column_stack([rows, cols]))
             assert dist.max() <= radius_px + closing_px + 1e-9
@@ -79,7 +89,7 @@ def test_mask_is_the_projected_footprint_of_the_atoms(classes):
             for b in scene.particles:
                 if a.instance < b.instance:
                     d = cKDTree(a.projected()).query(b.projected())[0].min()
-                    assert d >= 10 * (config.min_gap_nm + 2 * sim.MASK_ATOM_RADIUS_NM)
+                    assert d >= 10 * (config.min_gap_nm + 2 * MASK_ATOM_RADIUS_NM)
                     assert not ndimage.binary_dilation(instances == a.instance)[instances == b.instance].any()
     assert checked >= 4
 
@@ -118,7 +128,7 @@ def test_particles_rest_on_the_carbon_film():
 def test_dose_gives_poisson_counts(mode):
     rng = np.random.default_rng(0)
     dose = 60.0
-    counts, expected = sim.detect(np.ones((512, 512)), 2, dose, {"mode": mode, "mtf_nu0": 0.5, "mtf_power": 2.0}, rng)
+    counts, expected = detect(np.ones((512, 512)), 2, dose, {"mode": mode, "mtf_nu0": 0.5, "mtf_power": 2.0}, rng)
     n = counts.size
     assert counts.shape == (256, 256) and counts.dtype == np.float32
     assert float(expected.mean()) == pytest.approx(dose)
@@ -134,10 +144,10 @@ def test_detector_pixel_centres():
     # detector pixel j averages samples j*f .. j*f+f-1, so its centre is j*px + (px - s)/2
     intensity = np.zeros((8, 8))
     intensity[4:6, 2:4] = 1.0  # x samples 4,5 and y samples 2,3 with f = 2: detector (row 1, col 2)
-    _, expected = sim.detect(intensity, 2, 1000.0, {"mode": "counting", "mtf_nu0": 1e9, "mtf_power": 2.0},
+    _, expected = detect(intensity, 2, 1000.0, {"mode": "counting", "mtf_nu0": 1e9, "mtf_power": 2.0},
                                   np.random.default_rng(0))
     assert np.unravel_index(np.argmax(expected), expected.shape) == (1, 2)
-    rc = sim.pixel_coordinates(np.array([[4.5 * 0.5, 2.5 * 0.5]]), 1.0, 0.5)  # mean positions of those samples
+    rc = pixel_coordinates(np.array([[4.5 * 0.5, 2.5 * 0.5]]), 1.0, 0.5)  # mean positions of those samples
     assert rc.tolist() == [[1.0, 2.0]]
 
 
@@ -147,13 +157,13 @@ def test_detector_pixel_centres():
 
 def test_config_refuses_nonsense_with_the_key_named():
     with pytest.raises(ValueError, match="materials"):
-        sim.SimulationConfig(materials={"Ag": 1.0})
+        SimulationConfig(materials={"Ag": 1.0})
     with pytest.raises(ValueError, match="pixel_size_nm"):
-        sim.SimulationConfig(pixel_size_nm=(0.05, 0.02))
+        SimulationConfig(pixel_size_nm=(0.05, 0.02))
     with pytest.raises(ValueError, match="do not fit"):
-        sim.SimulationConfig(size=64, pixel_size_nm=(0.02, 0.02))
-    assert sim.preset_config("papers-au").materials == {"Au": 1.0}
-    assert "empty" not in sim.preset_config("papers-au").classes
+        SimulationConfig(size=64, pixel_size_nm=(0.02, 0.02))
+    assert preset_config("papers-au").materials == {"Au": 1.0}
+    assert "empty" not in preset_config("papers-au").classes
 
 
 def test_help_does_not_import_abtem():
@@ -166,8 +176,8 @@ def test_without_abtem_simulate_names_the_extra(tmp_path):
     # an abtem that cannot be imported, first on the path: what a machine without the extra sees
     (tmp_path / "abtem.py").write_text("raise ImportError('not installed')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, "-m", "latticewatch", "simulate", "--n", "1", "--out", str(tmp_path / "sim")],
-                          capture_output=True, text=True, env=env, check=False)
+    argv = [sys.executable, "-m", "latticewatch", "simulate", "--n", "1", "--out", str(tmp_path / "sim")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 2
     assert "error: simulate needs the [simulate] extra: pip install '.[simulate]'" in done.stderr
     assert not (tmp_path / "sim").exists()
@@ -219,7 +229,8 @@ def test_cli_writes_the_dataset_layout(dataset):
             assert p["bbox"] == [box[0].start, box[1].start, box[0].stop, box[1].stop]
             assert p["area_px"] == int((instances == p["instance"]).sum())
             for m in p["members"]:
-                assert {"material", "structure", "shape", "size_nm", "zone_axis", "defects", "rotation_crystal_to_lab"} <= set(m)
+                assert {"material", "structure", "shape", "size_nm", "zone_axis", "defects",
+                        "rotation_crystal_to_lab"} <= set(m)
             if p["class"] == "stacking_fault":
                 assert p["defects"] and all(d["edge_on"] for d in p["defects"] if d["normal"] is not None)
             if p["class"] == "no_stacking_fault":
@@ -249,12 +260,12 @@ def test_cli_writes_the_dataset_layout(dataset):
     card = (dataset / "README.md").read_text()
     assert "Dose (e⁻/Å²)" in card and "sim" not in card.split("```json")[1][:0]
     meta = json.loads((dataset / "dataset.json").read_text())
-    assert meta["seed"] == 3 and meta["config"]["size"] == 128 and meta["generator"] == sim.GENERATOR
+    assert meta["seed"] == 3 and meta["config"]["size"] == 128 and meta["generator"] == GENERATOR
 
 
 def test_cli_resumes_and_refuses_other_settings(dataset, capsys):
-    before = {p: p.stat().st_mtime_ns for p in dataset.rglob("*") if p.is_file() and p.suffix != ".md" and p.name != "index.csv"
-              and p.name != "dataset.json"}
+    before = {p: p.stat().st_mtime_ns for p in dataset.rglob("*")
+              if p.is_file() and p.suffix != ".md" and p.name not in ("index.csv", "dataset.json")}
     code, summary = _summary(capsys, ["simulate", "--n", "2", "--out", str(dataset), "--seed", "3", *SMALL])
     assert code == 0 and summary["simulated"] == 0 and summary["skipped"] == 2
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -277,8 +288,9 @@ def test_same_seed_same_images_whatever_the_workers(dataset, tmp_path):
     other = tmp_path / "b"
     assert main(["simulate", "--n", "2", "--out", str(other), "--seed", "3", "--workers", "2", *SMALL]) == 0
     for name in ("sim_000000", "sim_000001"):
-        assert np.array_equal(mrcfile.read(dataset / "images" / f"{name}.mrc"), mrcfile.read(other / "images" / f"{name}.mrc"))
-        assert np.array_equal(tifffile.imread(dataset / "instances" / f"{name}.tif"), tifffile.imread(other / "instances" / f"{name}.tif"))
+        image, instances = f"images/{name}.mrc", f"instances/{name}.tif"
+        assert np.array_equal(mrcfile.read(dataset / image), mrcfile.read(other / image))
+        assert np.array_equal(tifffile.imread(dataset / instances), tifffile.imread(other / instances))
         a = json.loads((dataset / "particles" / f"{name}.json").read_text())
         b = json.loads((other / "particles" / f"{name}.json").read_text())
         for timing in ("seconds", "cpu_seconds"):

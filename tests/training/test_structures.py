@@ -8,11 +8,11 @@ from scipy.spatial import cKDTree
 
 pytest.importorskip("ase")
 
-from latticewatch.training.simulate import structures as st
+from latticewatch.training.simulate.structures import carbon, orientation, particles, stacking
 
 
 def _env(seq) -> str:
-    return st.stacking_environments(seq)
+    return stacking.stacking_environments(seq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -23,14 +23,14 @@ def _env(seq) -> str:
 def test_perfect_cubic_stacking_is_abc(structure):
     for start in range(3):
         for direction in (1, -1):
-            seq = st.stacking_sequence(structure, 12, start=start, direction=direction)
+            seq = stacking.stacking_sequence(structure, 12, start=start, direction=direction)
             assert set(_env(seq)) == {"c"}
             assert np.all(np.diff(seq.astype(int)) % 3 == direction % 3)
 
 
 def test_perfect_wurtzite_is_ab():
-    seq = st.stacking_sequence("wurtzite", 10, start=1)
-    assert st.letters(seq) == "BCBCBCBCBC"
+    seq = stacking.stacking_sequence("wurtzite", 10, start=1)
+    assert stacking.letters(seq) == "BCBCBCBCBC"
     assert set(_env(seq)) == {"h"}
 
 
@@ -48,18 +48,18 @@ def test_perfect_wurtzite_is_ab():
 def test_each_defect_breaks_the_stacking_exactly_once(structure, kind, pattern):
     perfect = "h" if structure == "wurtzite" else "c"
     for layer in range(2, 9):
-        seq = st.stacking_sequence(structure, 14, {layer: kind})
+        seq = stacking.stacking_sequence(structure, 14, {layer: kind})
         assert np.all(seq[1:] != seq[:-1]), "neighbouring layers must differ"
         env = _env(seq)
         core = env.strip(perfect)
-        assert core == pattern, (layer, st.letters(seq), env)
+        assert core == pattern, (layer, stacking.letters(seq), env)
         # the break starts at the given layer: environments are of inner layers 1..n-2
         first_bad = env.index(pattern[0]) + 1
         assert first_bad in (layer - 1, layer)
 
 
 def test_twin_mirrors_the_sequence():
-    seq = st.stacking_sequence("fcc", 9, {4: "twin"})
+    seq = stacking.stacking_sequence("fcc", 9, {4: "twin"})
     # layer 3 is the mirror plane: layers 3 ± k coincide
     for k in range(1, 4):
         assert seq[3 - k] == seq[3 + k]
@@ -67,9 +67,9 @@ def test_twin_mirrors_the_sequence():
 
 def test_defect_arguments_are_checked():
     with pytest.raises(ValueError, match="I1"):
-        st.stacking_sequence("fcc", 8, {3: "I1"})
+        stacking.stacking_sequence("fcc", 8, {3: "I1"})
     with pytest.raises(ValueError, match="layer"):
-        st.stacking_sequence("fcc", 8, {1: "twin"})
+        stacking.stacking_sequence("fcc", 8, {1: "twin"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,13 +94,14 @@ CASES = [
 def test_layer_sequence_read_from_atoms_contains_the_planted_defects(material, structure, defects):
     rng = np.random.default_rng(CASES.index((material, structure, defects)))
     for size in (2.5, 4.5):
-        p = st.single_crystal(rng, material, size, structure=structure, defects=defects)
+        p = particles.single_crystal(rng, material, size, structure=structure, defects=defects)
         first = p.lattice.basis[0][0]
         # thermal-size displacements must not change what is read back
         jitter = rng.normal(scale=0.08, size=p.local_positions.shape)
-        layers, reg = st.layer_registry(p.local_positions[p.symbols == first] + jitter[p.symbols == first], p.lattice)
+        site_atoms = p.symbols == first  # one atom per layer site
+        layers, reg = stacking.layer_registry(p.local_positions[site_atoms] + jitter[site_atoms], p.lattice)
         assert np.all(np.diff(layers) == 1), "no missing layer inside a particle"
-        assert st.letters(reg) == p.params["stacking"]
+        assert stacking.letters(reg) == p.params["stacking"]
         env = _env(reg)
         perfect = "h" if structure == "wurtzite" else "c"
         if not defects:
@@ -111,7 +112,7 @@ def test_layer_sequence_read_from_atoms_contains_the_planted_defects(material, s
         assert sorted(d["type"].split("_")[0] for d in faults) == sorted(k for k in defects)
         expected = {"intrinsic": 2, "extrinsic": 2, "twin": 1, "I1": 1, "I2": 2}
         odd = "c" if structure == "wurtzite" else "h"
-        assert env.count(odd) == sum(expected[k] for k in defects), (st.letters(reg), env)
+        assert env.count(odd) == sum(expected[k] for k in defects), (stacking.letters(reg), env)
         for d in faults:
             j = d["layer"]
             # the recorded layer is where the sequence first departs from perfect stacking
@@ -122,7 +123,7 @@ def test_layer_sequence_read_from_atoms_contains_the_planted_defects(material, s
 def test_defects_lie_in_the_middle_half_of_the_particle():
     rng = np.random.default_rng(5)
     for _ in range(10):
-        p = st.single_crystal(rng, "Au", 5.0, defects=("intrinsic",))
+        p = particles.single_crystal(rng, "Au", 5.0, defects=("intrinsic",))
         n = len(p.params["stacking"])
         j = p.params["defects"][0]["layer"]
         assert 0.2 * n <= j <= 0.8 * n
@@ -135,23 +136,23 @@ def test_defects_lie_in_the_middle_half_of_the_particle():
 def test_on_zone_particles_have_their_faults_edge_on():
     rng = np.random.default_rng(11)
     for material, structure in (("Au", "fcc"), ("CdSe", "wurtzite"), ("CdSe", "zincblende")):
-        kind = st.DEFECTS[structure][0]
-        p = st.single_crystal(rng, material, 4.0, structure=structure, defects=(kind,))
+        kind = stacking.DEFECTS[structure][0]
+        p = particles.single_crystal(rng, material, 4.0, structure=structure, defects=(kind,))
         normal = np.array(p.params["defects"][0]["normal"])
-        assert abs(normal[2]) <= math.sin(math.radians(st.ZONE_JITTER_DEG)) + 1e-9
+        assert abs(normal[2]) <= math.sin(math.radians(orientation.ZONE_JITTER_DEG)) + 1e-9
         # the close-packed rows (stacking-frame x) run along the beam: atomic columns
         row = p.rotation @ np.array([1.0, 0.0, 0.0])
-        assert abs(row[2]) >= math.cos(math.radians(st.ZONE_JITTER_DEG)) - 1e-9
-        assert st.angle_to_zone(p.rotation, structure) <= st.ZONE_JITTER_DEG + 1e-6
+        assert abs(row[2]) >= math.cos(math.radians(orientation.ZONE_JITTER_DEG)) - 1e-9
+        assert orientation.angle_to_zone(p.rotation, structure) <= orientation.ZONE_JITTER_DEG + 1e-6
 
 
 def test_misoriented_particles_are_off_every_zone_axis():
     rng = np.random.default_rng(2)
     for material in ("Au", "CdSe"):
         for _ in range(5):
-            p = st.single_crystal(rng, material, 3.0, on_zone=False, min_off_zone_deg=6.0)
+            p = particles.single_crystal(rng, material, 3.0, on_zone=False, min_off_zone_deg=6.0)
             assert p.params["zone_axis"] is None
-            assert st.angle_to_zone(p.rotation, p.params["structure"]) >= 6.0
+            assert orientation.angle_to_zone(p.rotation, p.params["structure"]) >= 6.0
             assert p.params["angle_to_nearest_zone_deg"] >= 6.0
 
 
@@ -165,7 +166,7 @@ def test_bond_lengths_match_ase_bulk():
         ("CdSe", "zincblende", {"name": "CdSe", "crystalstructure": "zincblende", "a": 6.077}),
         ("CdSe", "wurtzite", {"name": "CdSe", "crystalstructure": "wurtzite", "a": 4.30, "c": 7.01, "u": 0.375}),
     ):
-        p = st.single_crystal(rng, material, 3.0, structure=structure)
+        p = particles.single_crystal(rng, material, 3.0, structure=structure)
         d, _ = cKDTree(p.positions).query(p.positions, k=2)
         ref = bulk(**ase_kwargs).repeat(3)
         dref, _ = cKDTree(ref.positions).query(ref.positions, k=2)
@@ -179,9 +180,9 @@ def test_bond_lengths_match_ase_bulk():
 @pytest.mark.parametrize("shape", ["octahedron", "truncated_octahedron", "wulff"])
 def test_size_is_the_volume_equivalent_diameter(shape):
     rng = np.random.default_rng(4)
-    a = st.LATTICES["Au", "fcc"].lattice_constant
+    a = stacking.LATTICES["Au", "fcc"].lattice_constant
     for size in (3.0, 6.0):
-        p = st.single_crystal(rng, "Au", size, shape=shape)
+        p = particles.single_crystal(rng, "Au", size, shape=shape)
         volume = p.params["n_atoms"] * a**3 / 4.0  # four atoms per fcc cell
         assert (6 * volume / math.pi) ** (1 / 3) / 10 == pytest.approx(size, rel=0.15)
         assert p.params["shape"] == shape
@@ -189,21 +190,21 @@ def test_size_is_the_volume_equivalent_diameter(shape):
 
 def test_multiply_twinned_particles_show_their_axis():
     rng = np.random.default_rng(8)
-    p = st.multiply_twinned(rng, "Au", 4.0, shape="decahedron")
+    p = particles.multiply_twinned(rng, "Au", 4.0, shape="decahedron")
     # five-fold symmetry about the beam (up to the small zone jitter)
     five = p.rotation @ np.array([0.0, 0.0, 1.0])
-    assert abs(five[2]) >= math.cos(math.radians(st.ZONE_JITTER_DEG)) - 1e-9
+    assert abs(five[2]) >= math.cos(math.radians(orientation.ZONE_JITTER_DEG)) - 1e-9
     assert p.params["size_nm"] == pytest.approx(4.0, rel=0.25)
     assert p.params["defects"][0]["type"] == "multiply_twinned"
-    q = st.multiply_twinned(rng, "Pd", 5.0, shape="icosahedron")
+    q = particles.multiply_twinned(rng, "Pd", 5.0, shape="icosahedron")
     assert q.params["zone_axis"] in ("two-fold", "five-fold")
     with pytest.raises(ValueError):
-        st.multiply_twinned(rng, "CdSe", 3.0)
+        particles.multiply_twinned(rng, "CdSe", 3.0)
 
 
 def test_particles_are_reproducible_from_the_generator():
-    a = st.single_crystal(np.random.default_rng(9), "Pd", 4.0, defects=("twin",))
-    b = st.single_crystal(np.random.default_rng(9), "Pd", 4.0, defects=("twin",))
+    a = particles.single_crystal(np.random.default_rng(9), "Pd", 4.0, defects=("twin",))
+    b = particles.single_crystal(np.random.default_rng(9), "Pd", 4.0, defects=("twin",))
     assert np.array_equal(a.positions, b.positions) and a.params == b.params
 
 
@@ -214,7 +215,7 @@ def test_particles_are_reproducible_from_the_generator():
 def test_amorphous_carbon_density_and_minimum_distance():
     rng = np.random.default_rng(1)
     extent, thickness = (60.0, 50.0), 20.0
-    pts = st.amorphous_carbon(rng, extent, thickness, density_g_cm3=2.0, min_distance=1.35)
+    pts = carbon.amorphous_carbon(rng, extent, thickness, density_g_cm3=2.0, min_distance=1.35)
     # density: atoms · 12.011 u / volume
     grams = len(pts) * 12.011 / 6.02214076e23
     volume_cm3 = extent[0] * extent[1] * thickness * 1e-24

@@ -9,14 +9,14 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from latticewatch.frame import CLASSES
-from latticewatch.testing.synthetic import (
-    MIN_FRINGE_PERIOD_PX,
+from latticewatch.testing.synthetic.crystals import MIN_FRINGE_PERIOD_PX
+from latticewatch.testing.synthetic.frames import (
     PARTICLE_CLASSES,
-    SyntheticImage,
     generate_frame,
     generate_region,
     usable_spacing_range_nm,
 )
+from latticewatch.testing.synthetic.truth import SyntheticImage
 
 
 def _wrap(angle):

@@ -9,7 +9,7 @@ from latticewatch.frame import CLASSES, Frame
 from latticewatch.models.manifest import read_manifest, sha256_of
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.stages.classify import load_forest
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 from latticewatch.training.fit.classifier import features_from_index, read_crop_index, split_by_image
 from latticewatch_nanoparticles import profile_dir
 

@@ -91,7 +91,9 @@ def test_train_on_png_files_writes_a_profile_that_process_runs(tmp_path, labelle
     assert manifest.classifier is None and manifest.archive.low_value_class == 1
     assert set(manifest.files) == {"fpn.onnx", "fpn.safetensors"} and not (out / "checkpoint.safetensors").exists()
     training = manifest.training["segmentation"]
-    assert training.command == "latticewatch " + " ".join(argv)
+    # recorded relative to the folder holding the data set (tmp_path/png), never as absolute paths
+    assert training.command == "latticewatch " + " ".join(argv).replace(f"{tmp_path}/", "")
+    assert str(tmp_path) not in training.command + training.data and "png/images" in training.data
     validation = training.metrics["validation"]
     assert set(METRIC_KEYS) <= set(validation) and validation["n_images"] == len(validation["images"]) >= 2
     trained_on = {p.stem for p in images.iterdir()} - set(validation["images"])

@@ -7,25 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latticewatch.sinks.archive import (
-    ArchiveReader,
-    ArchivedFrame,
-    _tmp_name,
-    _unlink_quiet,
-    archive_stats,
-)
+from latticewatch.cli.common import EXIT_OK
+from latticewatch.errors import ConfigError, InputError
+from latticewatch.io.atomic import atomic_path
+from latticewatch.sinks.archive import ArchivedFrame, ArchiveReader, archive_stats
 
 __all__ = ["archive_stats_command", "register", "restore_command"]
-
-log = logging.getLogger("latticewatch.sinks.archive")
 
 _RESTORE_HELP = """\
 Rebuild frames from an archive into an MRC or TIFF file.
@@ -90,85 +83,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------ restore
 
 
-def _error(message: str) -> int:
-    print(f"latticewatch: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _write_image(path: Path, data: np.ndarray, frames: list[ArchivedFrame], *, force: bool) -> None:
     """Write ``data`` (2-D or a 3-D stack) atomically, keeping the pixel size."""
     suffix = path.suffix.lower()
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists (use --force to overwrite)")
+    if suffix not in (".mrc", ".tif", ".tiff"):
+        raise ConfigError(f"cannot write {path.name}: use .mrc, .tif or .tiff")
     pixel_sizes = {f.pixel_size_nm for f in frames}
     pixel_size = pixel_sizes.pop() if len(pixel_sizes) == 1 else None
     data = data.astype(data.dtype.newbyteorder("="), copy=False)  # same values, native byte order
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".mrc":
-            import mrcfile  # noqa: PLC0415
-
-            try:
-                mrcfile.utils.mode_from_dtype(data.dtype)
-            except ValueError:
-                raise ValueError(
-                    f"MRC cannot hold {data.dtype} bit-exactly; restore to .tif instead"
-                ) from None
-            with mrcfile.new(tmp) as mrc:
-                mrc.set_data(data)
-                if pixel_size is not None:
-                    mrc.voxel_size = pixel_size * 10.0  # Å
-                label = f"latticewatch restore: {frames[0].frame_id}"
-                mrc.add_label(label[:80])
-                if any(not f.reduced.exact_everywhere for f in frames):
-                    mrc.add_label(f"low-value pixels reduced: {frames[0].reduced.policy}"[:80])
-        elif suffix in (".tif", ".tiff"):
-            import tifffile  # noqa: PLC0415
-
-            description = json.dumps(
-                {
-                    "frame_ids": [f.frame_id for f in frames],
-                    "pixel_size_nm": pixel_size,
-                    "policies": ["lossless" if f.reduced.exact_everywhere else str(f.reduced.policy) for f in frames],
-                }
-            )
-            # grey pages, one per frame: a stack of three must never be read as one RGB image
-            kwargs: dict[str, Any] = {"description": description, "metadata": None, "photometric": "minisblack"}
-            if pixel_size:
-                per_cm = 1e7 / pixel_size
-                kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
-            tifffile.imwrite(tmp, data, **kwargs)
+            _write_mrc(tmp, data, frames, pixel_size)
         else:
-            raise ValueError(f"cannot write {path.name}: use .mrc, .tif or .tiff")
-        os.replace(tmp, path)
-    finally:
-        _unlink_quiet(tmp)
+            _write_tiff(tmp, data, frames, pixel_size)
+
+
+def _write_mrc(path: Path, data: np.ndarray, frames: list[ArchivedFrame], pixel_size: float | None) -> None:
+    import mrcfile  # noqa: PLC0415
+
+    try:
+        mrcfile.utils.mode_from_dtype(data.dtype)
+    except ValueError:
+        raise ConfigError(f"MRC cannot hold {data.dtype} bit-exactly; restore to .tif instead") from None
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        if pixel_size is not None:
+            mrc.voxel_size = pixel_size * 10.0  # Å
+        label = f"latticewatch restore: {frames[0].frame_id}"
+        mrc.add_label(label[:80])
+        if any(not f.reduced.exact_everywhere for f in frames):
+            mrc.add_label(f"low-value pixels reduced: {frames[0].reduced.policy}"[:80])
+
+
+def _write_tiff(path: Path, data: np.ndarray, frames: list[ArchivedFrame], pixel_size: float | None) -> None:
+    import tifffile  # noqa: PLC0415
+
+    description = json.dumps(
+        {
+            "frame_ids": [f.frame_id for f in frames],
+            "pixel_size_nm": pixel_size,
+            "policies": ["lossless" if f.reduced.exact_everywhere else str(f.reduced.policy) for f in frames],
+        }
+    )
+    # grey pages, one per frame: a stack of three must never be read as one RGB image
+    kwargs: dict[str, Any] = {"description": description, "metadata": None, "photometric": "minisblack"}
+    if pixel_size:
+        per_cm = 1e7 / pixel_size
+        kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+    tifffile.imwrite(path, data, **kwargs)
 
 
 def restore_command(args: argparse.Namespace) -> int:
     """``latticewatch restore``: write archived frames to ``--out``; returns the exit code."""
+    reader = ArchiveReader(args.archive)
     try:
-        reader = ArchiveReader(args.archive)
         entries = [reader.find(f) for f in args.frame] if args.frame else reader.entries()
-    except (FileNotFoundError, KeyError) as exc:
-        return _error(str(exc).strip("'\""))
+    except KeyError as exc:  # the reader's "no frame …" / "matches N frames"
+        raise InputError(exc.args[0]) from None
     if not entries:
-        return _error(f"no archived frames in {args.archive}")
+        raise InputError(f"no archived frames in {args.archive}")
     frames = [reader.read(e) for e in entries]
     pixels = [f.pixels() for f in frames]
     if len({(p.shape, p.dtype) for p in pixels}) > 1:
-        return _error("the selected frames differ in shape or dtype; restore them one at a time with --frame")
+        raise ConfigError("the selected frames differ in shape or dtype; restore them one at a time with --frame")
     data = pixels[0] if len(pixels) == 1 else np.stack(pixels)
-    try:
-        _write_image(args.out, data, frames, force=args.force)
-        if args.mask is not None:
-            masks = [f.mask() for f in frames]
-            if any(m is None for m in masks):
-                print("latticewatch: note: some frames were archived without a mask; --mask skipped", file=sys.stderr)
-            else:
-                _write_image(args.mask, masks[0] if len(masks) == 1 else np.stack(masks), frames, force=args.force)
-    except (ValueError, FileExistsError, OSError) as exc:
-        return _error(str(exc))
+    _write_image(args.out, data, frames, force=args.force)
+    if args.mask is not None:
+        masks = [f.mask() for f in frames]
+        if any(m is None for m in masks):
+            print("note: some frames were archived without a mask; --mask skipped", file=sys.stderr)
+        else:
+            _write_image(args.mask, masks[0] if len(masks) == 1 else np.stack(masks), frames, force=args.force)
     lossy = [f for f in frames if not f.reduced.exact_everywhere]
     print(f"restored {len(frames)} frame(s) to {args.out}")
     if lossy:
@@ -178,7 +165,7 @@ def restore_command(args: argparse.Namespace) -> int:
             f"note: {len(lossy)} frame(s) are exact only on the high-value class and its margin "
             f"({exact:.1%} of their pixels); the rest is as the policy left it ({', '.join(policies)})"
         )
-    return 0
+    return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------- stats
@@ -194,13 +181,10 @@ def _human(n: float) -> str:
 
 def archive_stats_command(args: argparse.Namespace) -> int:
     """``latticewatch archive-stats``: print ratio and bytes by component; returns the exit code."""
-    try:
-        stats = archive_stats(args.archive, per_frame=args.frames)
-    except FileNotFoundError as exc:
-        return _error(str(exc))
+    stats = archive_stats(args.archive, per_frame=args.frames)
     if args.json:
         print(json.dumps(stats, indent=2))
-        return 0
+        return EXIT_OK
     ratio = f"{stats['ratio']:.2f}x" if stats["ratio"] else "n/a"
     print(f"archive   {stats['path']}")
     print(f"files     {stats['files']}    frames {stats['frames']}    lossless {stats['lossless_frames']}")
@@ -212,4 +196,4 @@ def archive_stats_command(args: argparse.Namespace) -> int:
         print(f"{name:<16}{nbytes:>14}{nbytes / total:>9.1%}")
     for row in stats.get("frame_list", []):
         print(f"{row['key']}  {row['policy']:<12} {row['ratio']:7.2f}x  {row['frame_id']}")
-    return 0
+    return EXIT_OK

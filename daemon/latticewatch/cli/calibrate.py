@@ -6,11 +6,20 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from latticewatch.cli.common import (
+    BASELINE_NAMES,
+    EXIT_OK,
+    add_baselines,
+    add_profile,
+    add_threads,
+    baseline_names,
+    command_line,
+    progress_enabled,
+)
+from latticewatch.errors import ConfigError
 
 _HELP = """\
 Calibrate a profile against labelled data, or an instrument against a known crystal.
@@ -63,10 +72,6 @@ pickled objects) together with the ONNX file's sha256 from the manifest.
 """
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="nanoparticles", help="installed profile name or profile directory (default: %(default)s)")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``calibrate`` with its four actions to the ``latticewatch`` command.
 
@@ -78,74 +83,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     'threshold_command'
     """
     fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("calibrate", help="tune a profile's threshold/baselines; pixel size from lattice fringes; INT8 set",
+    p = subparsers.add_parser("calibrate",
+                              help="tune a profile's threshold/baselines; pixel size from lattice fringes; INT8 set",
                               description=_HELP, formatter_class=fmt)
     sub = p.add_subparsers(dest="calibrate_command", metavar="ACTION", required=True)
 
-    q = sub.add_parser("threshold", help="Dice-optimal decision threshold into the manifest", description=_THRESHOLD_HELP, formatter_class=fmt)
-    _common(q)
+    q = sub.add_parser("threshold", help="Dice-optimal decision threshold into the manifest",
+                       description=_THRESHOLD_HELP, formatter_class=fmt)
+    add_profile(q)
     q.add_argument("--images", type=Path, required=True, metavar="DIR", help="labelled micrographs (validation set)")
     q.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks, same file stems as the images")
     q.add_argument("--dry-run", action="store_true", help="print the result, do not write the manifest")
-    q.add_argument("--threads", type=int, default=None, help="inference threads")
+    add_threads(q)
     q.set_defaults(func=threshold_command)
 
-    q = sub.add_parser("baselines", help="fit Otsu/Fourier/Bragg baselines, store them in the manifest", description=_BASELINES_HELP,
-                       formatter_class=fmt)
-    _common(q)
+    q = sub.add_parser("baselines", help="fit Otsu/Fourier/Bragg baselines, store them in the manifest",
+                       description=_BASELINES_HELP, formatter_class=fmt)
+    add_profile(q)
     q.add_argument("--images", type=Path, required=True, metavar="DIR", help="labelled micrographs")
     q.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks, same file stems as the images")
-    q.add_argument("--baselines", default="otsu,fourier,bragg", metavar="LIST", help="which to fit (default: %(default)s)")
+    add_baselines(q, BASELINE_NAMES, "baselines to fit")
     q.add_argument("--dry-run", action="store_true", help="print the parameters, do not write the manifest")
     q.set_defaults(func=baselines_command)
 
-    q = sub.add_parser("pixel-size", help="nm/pixel at a magnification from a known crystal's fringes", description=_PIXEL_HELP,
-                       formatter_class=fmt)
-    q.add_argument("image", type=Path, metavar="IMAGE", help="HRTEM image of the calibration crystal (first frame of a stack is used)")
-    q.add_argument("--material", required=True, help="crystal: Au, Ag, Pd, Pt, Cu, Si, CdSe, graphene (or a label with --lattice-nm)")
-    q.add_argument("--reflection", metavar="HKL", help="lattice planes whose fringes are measured, e.g. 111, 200, 002, 10-10")
+    q = sub.add_parser("pixel-size", help="nm/pixel at a magnification from a known crystal's fringes",
+                       description=_PIXEL_HELP, formatter_class=fmt)
+    q.add_argument("image", type=Path, metavar="IMAGE",
+                   help="HRTEM image of the calibration crystal (first frame of a stack is used)")
+    q.add_argument("--material", required=True,
+                   help="crystal: Au, Ag, Pd, Pt, Cu, Si, CdSe, graphene (or a label with --lattice-nm)")
+    q.add_argument("--reflection", metavar="HKL",
+                   help="lattice planes whose fringes are measured, e.g. 111, 200, 002, 10-10")
     q.add_argument("--lattice-nm", type=float, metavar="D", help="the fringe spacing d in nm (overrides the table)")
     q.add_argument("--camera", required=True, help="camera name (a calibration file is for one camera)")
-    q.add_argument("--magnification", type=float, required=True, metavar="M", help="nominal magnification as the microscope reports it")
+    q.add_argument("--magnification", type=float, required=True, metavar="M",
+                   help="nominal magnification as the microscope reports it")
     q.add_argument("--voltage-kv", type=float, default=None, metavar="KV", help="accelerating voltage in kV")
     q.add_argument("--binning", type=int, default=1, help="camera binning (default: %(default)s)")
     q.add_argument("--instrument", help="microscope name (needed when the file is created)")
     q.add_argument("--near", type=float, metavar="NM_PER_PX",
                    help="expected pixel size; look only within ±25 %% of the fringe frequency it implies")
-    q.add_argument("--out", type=Path, required=True, metavar="TOML", help="calibration file to create or update, e.g. calibration/NAME.toml")
+    q.add_argument("--out", type=Path, required=True, metavar="TOML",
+                   help="calibration file to create or update, e.g. calibration/NAME.toml")
     q.add_argument("--dry-run", action="store_true", help="print the measurement, do not write the file")
     q.set_defaults(func=pixel_size_command)
 
-    q = sub.add_parser("int8-set", help="representative preprocessed frames for INT8 calibration (.npz)", description=_INT8_HELP,
-                       formatter_class=fmt)
-    _common(q)
-    q.add_argument("--images", type=Path, required=True, metavar="DIR", help="micrographs typical of the data to be analysed")
+    q = sub.add_parser("int8-set", help="representative preprocessed frames for INT8 calibration (.npz)",
+                       description=_INT8_HELP, formatter_class=fmt)
+    add_profile(q)
+    q.add_argument("--images", type=Path, required=True, metavar="DIR",
+                   help="micrographs typical of the data to be analysed")
     q.add_argument("--n", type=int, default=32, help="number of tiles to keep (default: %(default)s)")
     q.add_argument("--tile", type=int, default=512, help="tile side at the model's pixel size (default: %(default)s)")
-    q.add_argument("--out", type=Path, required=True, metavar="FILE.npz")
-    q.add_argument("--threads", type=int, default=None, help="inference threads")
+    q.add_argument("--out", type=Path, required=True, metavar="FILE.npz",
+                   help="where to write the set (.npz appended if missing)")
+    add_threads(q)
     q.set_defaults(func=int8_set_command)
 
 
-def _command(args: argparse.Namespace) -> str:
-    return "latticewatch " + shlex.join(getattr(args, "argv", []) or [])
-
-
-def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def threshold_command(args: argparse.Namespace) -> int:
-    from latticewatch.models.manifest import ManifestError
-    from latticewatch.training.assess.calibrate import calibrate_threshold
-    from latticewatch.training.data.labelled import LabelledDataError
+    from latticewatch.training.assess.calibrate.threshold import calibrate_threshold
 
-    try:
-        r = calibrate_threshold(args.profile, args.images, args.labels, dry_run=args.dry_run, command=_command(args),
-                                threads=args.threads, progress=sys.stderr.isatty())
-    except (LabelledDataError, ManifestError, OSError) as err:
-        return _fail(err)
+    r = calibrate_threshold(args.profile, args.images, args.labels, dry_run=args.dry_run, command=command_line(args),
+                            threads=args.threads, progress=progress_enabled())
     print(f"{r.n_images} labelled image(s); pooled Dice at threshold {r.old:.2f}: {r.dice_before:.4f}")
     print(f"threshold {r.old:.2f} → {r.new:.2f}: Dice {r.dice_before:.4f} → {r.dice_after:.4f}")
     if r.written:
@@ -156,19 +156,13 @@ def threshold_command(args: argparse.Namespace) -> int:
 
 
 def baselines_command(args: argparse.Namespace) -> int:
-    from latticewatch.models.manifest import ManifestError
-    from latticewatch.training.assess.baselines import BaselineError
-    from latticewatch.training.assess.calibrate import calibrate_baselines
-    from latticewatch.training.assess.evaluate import parse_baselines
-    from latticewatch.training.data.labelled import LabelledDataError
+    from latticewatch.training.assess.calibrate.threshold import calibrate_baselines
 
-    try:
-        names = parse_baselines(args.baselines)
-        if not names:
-            raise BaselineError("no baselines to fit")
-        fitted = calibrate_baselines(args.profile, args.images, args.labels, names=names, dry_run=args.dry_run, command=_command(args))
-    except (LabelledDataError, ManifestError, BaselineError, OSError) as err:
-        return _fail(err)
+    names = baseline_names(args.baselines)
+    if not names:
+        raise ConfigError("--baselines none: no baselines to fit")
+    fitted = calibrate_baselines(args.profile, args.images, args.labels, names=names, dry_run=args.dry_run,
+                                 command=command_line(args))
     for name, params in fitted.items():
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
                           if k not in ("kind", "fitted_dice", "fitted_images"))
@@ -178,45 +172,38 @@ def baselines_command(args: argparse.Namespace) -> int:
 
 
 def pixel_size_command(args: argparse.Namespace) -> int:
-    from latticewatch.calibration import CalibrationError
-    from latticewatch.io.readers import ReadError
-    from latticewatch.training.assess.calibrate import FringeError, calibrate_pixel_size
+    from latticewatch.training.assess.calibrate.pixel_size import calibrate_pixel_size
 
-    try:
-        r = calibrate_pixel_size(
-            args.image, material=args.material, reflection=args.reflection, lattice_nm=args.lattice_nm, camera=args.camera,
-            magnification=args.magnification, voltage_kv=args.voltage_kv, out=args.out, instrument=args.instrument,
-            near_nm_per_px=args.near, binning=args.binning, dry_run=args.dry_run,
-        )
-    except (CalibrationError, FringeError, ReadError, OSError) as err:
-        return _fail(err)
+    r = calibrate_pixel_size(
+        args.image, material=args.material, reflection=args.reflection, lattice_nm=args.lattice_nm, camera=args.camera,
+        magnification=args.magnification, voltage_kv=args.voltage_kv, out=args.out, instrument=args.instrument,
+        near_nm_per_px=args.near, binning=args.binning, dry_run=args.dry_run,
+    )
     m = r.measurement
     how = f"{m.n_spots} reflections, spread {100 * m.spread:.2f} %" if m.method == "spots" else "ring profile"
     print(f"fringe period {m.period_px:.3f} px ({how}, contrast {m.contrast:.0f}×)")
     print(f"{args.material} ({args.reflection or '?'}) d = {r.d_nm:.5f} nm → pixel size {r.pixel_size_nm:.5f} nm/px "
           f"at {args.magnification:g}×")
     if r.header_pixel_size_nm:
-        print(f"image header says {r.header_pixel_size_nm:.5f} nm/px ({100 * (r.pixel_size_nm / r.header_pixel_size_nm - 1):+.2f} %)")
+        difference = 100 * (r.pixel_size_nm / r.header_pixel_size_nm - 1)
+        print(f"image header says {r.header_pixel_size_nm:.5f} nm/px ({difference:+.2f} %)")
     for warning in r.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if r.replaced is not None:
         print(f"replaces {r.replaced:.5f} nm/px previously stored at this magnification")
-    print("dry run: nothing written" if args.dry_run else f"written to {args.out} ({len(r.calibration.steps)} magnification step(s))")
+    steps = len(r.calibration.steps)
+    print("dry run: nothing written" if args.dry_run else f"written to {args.out} ({steps} magnification step(s))")
     return EXIT_OK
 
 
 def int8_set_command(args: argparse.Namespace) -> int:
-    from latticewatch.models.manifest import ManifestError
-    from latticewatch.training.assess.calibrate import int8_calibration_set
+    from latticewatch.training.assess.calibrate.int8_set import int8_calibration_set
 
     if args.n < 1:
-        return _fail(ValueError("--n must be at least 1"))
-    try:
-        r = int8_calibration_set(args.profile, args.images, args.out, n=args.n, tile=args.tile, threads=args.threads,
-                                 progress=sys.stderr.isatty())
-    except (ManifestError, ValueError, OSError) as err:
-        return _fail(err)
-    for reason in r.skipped:
-        print(f"skipped: {reason}", file=sys.stderr)
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    r = int8_calibration_set(args.profile, args.images, args.out, n=args.n, tile=args.tile, threads=args.threads,
+                             progress=progress_enabled())
+    for failure in r.skipped:  # a sample of the data: a file it cannot use is left out, not an error
+        print(f"skipped: {failure.error}", file=sys.stderr)
     print(f"{r.n_chosen} of {r.n_candidates} tiles from {r.n_frames} frame(s) written to {r.path}")
     return EXIT_OK

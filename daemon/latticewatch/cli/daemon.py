@@ -4,53 +4,118 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-log = logging.getLogger("latticewatch.cli.daemon")
+from latticewatch.cli.common import (
+    DEFAULT_PROFILE,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    add_profile,
+    error,
+    frame_side,
+    positive_float,
+    positive_int,
+)
+from latticewatch.errors import ConfigError, StateError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:  # the parser is built for every command; the config models only to run one
+    from latticewatch.config import Config
+
+#: What ``events --topic`` accepts (``latticewatch.`` prefix optional): the event types, and
+#: ``defect`` for particles labelled stacking_fault.
+EVENT_TOPICS = ("frame", "particle", "defect", "error", "warning")
+
+#: Options that override one config key each without editing the TOML: dest → (table, key).
+CONFIG_OVERRIDES: dict[str, tuple[str | None, str]] = {
+    "profile": (None, "profile"),
+    "data_dir": (None, "data_dir"),
+    "events_address": ("events", "address"),
+    "metrics_port": ("metrics", "port"),
+    "dashboard_port": ("dashboard", "port"),
+}
 
 
-def _load(path: Path | None):
-    from latticewatch.errors import ConfigError
-    from latticewatch.config import load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        print(f"error: invalid config\n{err}", file=sys.stderr)
-        return None
+def topic_arg(text: str) -> str:
+    """``--topic``: one of `EVENT_TOPICS`, with or without the ``latticewatch.`` prefix."""
+    topic = text.removeprefix("latticewatch.")
+    if topic not in EVENT_TOPICS:
+        raise argparse.ArgumentTypeError(f"unknown topic {text!r}; topics are {', '.join(EVENT_TOPICS)}")
+    return topic
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return EXIT_USAGE
-    print(f"{args.config}: ok")
-    print(json.dumps(config.model_dump(mode="json"), indent=2))
+def replay_source(text: str) -> str:
+    """``replay SRC``: ``synthetic:N`` (N >= 1) or an existing folder of micrographs."""
+    kind, colon, count = text.partition(":")
+    if kind == "synthetic" and colon:
+        if not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"synthetic:N needs a whole number of frames N >= 1, got {text!r}")
+        return text
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder of micrographs, and not synthetic:N")
+    return text
+
+
+def add_output_overrides(p: argparse.ArgumentParser) -> None:
+    """The config keys of the live outputs, settable on the command line (`CONFIG_OVERRIDES`)."""
+    g = p.add_argument_group("outputs (override the config)")
+    g.add_argument("--events-address", metavar="ENDPOINT",
+                   help="[events] address: ZeroMQ PUB endpoint (default: from the config, tcp://127.0.0.1:5557)")
+    g.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="[metrics] port of the Prometheus /metrics page (default: from the config, 9108)")
+    g.add_argument("--dashboard-port", type=int, metavar="PORT",
+                   help="[dashboard] port of the live page; 0 = any free port (default: from the config, 8088)")
+
+
+def with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """``config`` with the keys given on the command line (`CONFIG_OVERRIDES`), each validated.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option and the config key when a value is not allowed there.
+
+    Examples
+    --------
+    >>> from latticewatch.config import parse_config
+    >>> args = argparse.Namespace(metrics_port=9200, dashboard_port=0)
+    >>> config = with_overrides(parse_config({}, plugin_kinds=set()), args)
+    >>> config.metrics.port, config.dashboard.port, config.profile
+    (9200, 0, 'nanoparticles')
+    """
+    from pydantic import ValidationError
+
+    top: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {}
+    for dest, (table, key) in CONFIG_OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            (tables.setdefault(table, {}) if table else top)[key] = value
+    for table, values in tables.items():
+        section = getattr(config, table)
+        try:
+            top[table] = type(section).model_validate({**section.model_dump(), **values})
+        except ValidationError as err:
+            problem = err.errors()[0]
+            key = ".".join(map(str, problem["loc"]))
+            raise ConfigError(f"--{table}-{key.replace('_', '-')}: {table}.{key}: "
+                              f"{problem['msg'].removeprefix('Value error, ')}") from None
+    return config.model_copy(update=top)
+
+
+def _run(config: Config, stop: threading.Event) -> int:
+    from latticewatch.runtime.daemon import run_daemon
+
+    stats = run_daemon(config, stop)
+    print(json.dumps(stats.as_dict(), indent=2), file=sys.stderr)
     return EXIT_OK
 
 
-def _run(config, stop: threading.Event) -> int:
-    from latticewatch.models.manifest import ManifestError
-    from latticewatch.runtime.daemon import SourceUnavailable, run_daemon
-
-    try:
-        stats = run_daemon(config, stop)
-    except (ManifestError, SourceUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    summary = stats.as_dict()
-    print(json.dumps(summary, indent=2), file=sys.stderr)
-    return EXIT_OK
-
-
-def _where(config) -> str:
+def _where(config: Config) -> str:
     """Where a running daemon's outputs can be reached, one per line."""
     lines = [f"  events:    {config.state_dir / 'events.jsonl'} (durable log)"]
     if config.events.enabled:
@@ -62,60 +127,60 @@ def _where(config) -> str:
     return "\n".join(lines)
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from latticewatch.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: ok")
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from latticewatch.config import load_config
     from latticewatch.runtime.daemon import stop_on_signals
 
-    config = _load(args.config)
-    if config is None:
-        return EXIT_USAGE
+    if args.data_dir is not None:
+        args.data_dir = args.data_dir.resolve()  # relative to where the command runs, not to the config file
+    config = with_overrides(load_config(args.config), args)
     stop = threading.Event()
     stop_on_signals(stop)
-    print(f"latticewatch: watching {', '.join(config.sources)} (Ctrl-C stops)\n{_where(config)}", file=sys.stderr, flush=True)
+    print(f"latticewatch: watching {', '.join(config.sources)} (Ctrl-C stops)\n{_where(config)}", file=sys.stderr,
+          flush=True)
     return _run(config, stop)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from latticewatch.config import parse_config
     from latticewatch.runtime.daemon import stop_on_signals
-    from latticewatch.runtime.ledger import Ledger
     from latticewatch.testing.replay import replay, source_frames
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="latticewatch-demo-"))
     incoming = root / "incoming"
-    config = parse_config({
+    config = with_overrides(parse_config({
         "profile": args.profile,
         "data_dir": str(root / "data"),
         "runtime": {"budget_ms": args.budget_ms},
         "sources": {"demo": {"kind": "folder", "path": str(incoming), "settle_s": 0.5}},
-    })
+    }), args)
     stop = threading.Event()
     stop_on_signals(stop)
     events = config.state_dir / "events.jsonl"
-    print(f"latticewatch demo\n  replaying {args.frames} synthetic {args.size}² frames at {args.rate} Hz into the SerialEM stack "
-          f"{incoming / 'demo.mrc'} (+ .mdoc)\n{_where(config)}\n  ledger:    {config.state_dir / 'ledger.sqlite'}\n"
+    print(f"latticewatch demo\n  replaying {args.frames} synthetic {args.size}² frames at {args.rate} Hz into the "
+          f"SerialEM stack {incoming / 'demo.mrc'} (+ .mdoc)\n{_where(config)}\n"
+          f"  ledger:    {config.state_dir / 'ledger.sqlite'}\n"
           f"  {'stops when all frames are analysed' if args.exit_when_done else 'Ctrl-C stops'}", flush=True)
 
     def feed() -> None:
-        frames = source_frames(f"synthetic:{args.frames}", shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm, seed=args.seed)
+        frames = source_frames(f"synthetic:{args.frames}", shape=(args.size, args.size),
+                               pixel_size_nm=args.pixel_size_nm, seed=args.seed)
         replay(frames, rate_hz=args.rate, to_folder=incoming, serialem_stack="demo.mrc", stop=stop)
-
-    def wait_until_done() -> None:
-        ledger = None
-        while not stop.is_set():
-            time.sleep(0.2)
-            if ledger is None and config.state_dir.joinpath("ledger.sqlite").exists():
-                ledger = Ledger(config.state_dir / "ledger.sqlite")
-            if ledger is not None:
-                counts = ledger.counts()
-                if counts["published"] + counts["archived"] + counts["quarantined"] >= args.frames:
-                    stop.set()
-        if ledger is not None:
-            ledger.close()
 
     incoming.mkdir(parents=True, exist_ok=True)
     threading.Thread(target=feed, name="demo-replay", daemon=True).start()
     if args.exit_when_done:
-        threading.Thread(target=wait_until_done, name="demo-done", daemon=True).start()
+        threading.Thread(target=_stop_when_done, args=(config, args.frames, stop), name="demo-done",
+                         daemon=True).start()
     started = time.monotonic()
     code = _run(config, stop)
     elapsed = time.monotonic() - started
@@ -124,48 +189,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _stop_when_done(config: Config, n_frames: int, stop: threading.Event) -> None:
+    """Set ``stop`` once the ledger has every replayed frame finished (``demo --exit-when-done``)."""
+    from latticewatch.runtime.ledger import Ledger
+
+    ledger = None
+    while not stop.is_set():
+        time.sleep(0.2)
+        if ledger is None and config.state_dir.joinpath("ledger.sqlite").exists():
+            ledger = Ledger(config.state_dir / "ledger.sqlite")
+        if ledger is not None:
+            counts = ledger.counts()
+            if counts["published"] + counts["archived"] + counts["quarantined"] >= n_frames:
+                stop.set()
+    if ledger is not None:
+        ledger.close()
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    from latticewatch.runtime.daemon import stop_on_signals
     from latticewatch.testing.replay import replay, source_frames
 
     if (args.to_folder is None) == (args.to_zmq is None):
-        print("error: give exactly one of --to-folder DIR and --to-zmq ADDRESS", file=sys.stderr)
-        return EXIT_USAGE
+        raise ConfigError("give exactly one of --to-folder DIR and --to-zmq ADDRESS")
     stop = threading.Event()
-    from latticewatch.runtime.daemon import stop_on_signals
-
     stop_on_signals(stop)
-    try:
-        frames = source_frames(args.src, shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm, seed=args.seed)
-        sent = replay(frames, rate_hz=args.rate, to_folder=args.to_folder, serialem_stack=args.serialem_stack, fmt=args.format,
-                      to_zmq=args.to_zmq, zmq_socket=args.zmq_socket, series=args.series, stop=stop)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    frames = source_frames(args.src, shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm, seed=args.seed)
+    sent = replay(frames, rate_hz=args.rate, to_folder=args.to_folder, serialem_stack=args.serialem_stack,
+                  fmt=args.format, to_zmq=args.to_zmq, zmq_socket=args.zmq_socket, series=args.series, stop=stop)
     print(f"{sent} frame(s) replayed", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from latticewatch.sinks.events import read_log
+    from latticewatch.config import load_config
+    from latticewatch.runtime.eventlog import read_log
 
-    if args.state is not None:
-        state = args.state
-    else:
-        config = _load(args.config)
-        if config is None:
-            return EXIT_USAGE
-        state = config.state_dir
+    state = args.state if args.state is not None else load_config(args.config).state_dir
     path = Path(state) / "events.jsonl"
     if not path.exists():
-        print(f"error: no event log at {path}", file=sys.stderr)
-        return EXIT_USAGE
-    topics = [t.removeprefix("latticewatch.") for t in args.topic or ()]
+        raise StateError(f"no event log at {path}")
     try:
-        for line in read_log(path, since=args.since, types=topics):
+        for line in read_log(path, since=args.since, types=args.topic or ()):
             sys.stdout.write(line)
-    except KeyError as err:
-        print(f"error: {err.args[0]}", file=sys.stderr)
-        return EXIT_FAILED
+    except KeyError as err:  # an id the log does not hold: nothing to replay after it
+        error(err.args[0])
+        return EXIT_SOME_FAILED
     except BrokenPipeError:  # `latticewatch events ... | head`
         return EXIT_OK
     sys.stdout.flush()
@@ -173,57 +242,86 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``run``, ``demo``, ``check-config`` and ``replay`` to the ``latticewatch`` command."""
+    """Add ``run``, ``demo``, ``check-config``, ``replay`` and ``events`` to the ``latticewatch`` command."""
     p = sub.add_parser("run", help="run the daemon (folder watching, ZeroMQ streams)",
                        description="Watch the configured sources and analyse every frame exactly once; the ledger, "
                        "event log, spool and quarantine live in <data_dir>/state. SIGINT/SIGTERM finish the frames in "
-                       "flight and stop. Without --config: watch ./incoming, data in ./latticewatch-data.")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config (see the README)")
+                       "flight and stop. Without --config: watch ./incoming, data in ./latticewatch-data. The options "
+                       "below override the config's keys of the same name.")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML config, see the README (default: none, all defaults)")
+    p.add_argument("--profile", default=None,
+                   help=f"profile = installed profile name or directory (default: from the config, {DEFAULT_PROFILE})")
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="data_dir = where state and archive go, relative to the current folder "
+                   "(default: from the config, ./latticewatch-data)")
+    add_output_overrides(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file without starting",
-                       description="Validate a TOML config; print the effective config (defaults filled in) or every problem.")
-    p.add_argument("config", type=Path, metavar="FILE")
+                       description="Validate a TOML config; print the effective config (defaults filled in) or "
+                       "every problem.")
+    p.add_argument("config", type=Path, metavar="FILE", help="the TOML config")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="daemon + SerialEM-style replay of synthetic frames in a temporary folder",
                        description="Start the daemon on a temporary folder and replay synthetic frames into it the way "
-                       "SerialEM writes a stack; print where the events are. Ctrl-C stops cleanly.")
-    p.add_argument("--frames", type=int, default=20, help="synthetic frames to replay (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=2.0, help="frames per second (default: %(default)s; 0 = as fast as possible)")
-    p.add_argument("--size", type=int, default=512, help="frame side in pixels (default: %(default)s)")
-    p.add_argument("--pixel-size-nm", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default="nanoparticles")
-    p.add_argument("--budget-ms", type=float, default=2000.0)
-    p.add_argument("--dir", type=Path, default=None, help="use this folder instead of a temporary one")
+                       "SerialEM writes a stack; print where the events, metrics and dashboard are. Ctrl-C stops "
+                       "cleanly. If a port is taken (another daemon?), pick others with the options below.")
+    p.add_argument("--frames", type=positive_int, default=20, help="synthetic frames to replay (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=2.0,
+                   help="frames per second (default: %(default)s; 0 = as fast as possible)")
+    p.add_argument("--size", type=frame_side, default=512, metavar="PX",
+                   help="frame side in pixels (default: %(default)s)")
+    p.add_argument("--pixel-size-nm", type=positive_float, default=0.05,
+                   help="pixel size of the frames (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default: %(default)s)")
+    add_profile(p)
+    p.add_argument("--budget-ms", type=float, default=2000.0,
+                   help="per-frame processing budget in ms (default: %(default)s)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="keep everything in this folder (default: a new temporary folder, printed at the start)")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every replayed frame is analysed")
+    add_output_overrides(p)
     p.set_defaults(func=cmd_demo)
 
+    _register_replay_and_events(sub)
+
+
+def _register_replay_and_events(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="emulate SerialEM or a camera: write frames to a folder or a ZeroMQ stream",
                        description="Replay SRC (a folder of micrographs, or synthetic:N) at --rate frames per second: "
                        "into a SerialEM-style growing stack + .mdoc (--serialem-stack NAME), as one file per frame, or "
                        "over ZeroMQ in latticewatch's native protocol (--to-zmq, a bound PUSH or PUB socket).")
-    p.add_argument("src", metavar="SRC", help="folder of micrographs, or synthetic:N")
-    p.add_argument("--to-folder", type=Path, default=None, metavar="DIR")
-    p.add_argument("--serialem-stack", default=None, metavar="NAME", help="append to this MRC stack (e.g. grid1.mrc) with its .mdoc")
-    p.add_argument("--format", choices=("mrc", "tif"), default="mrc", help="one-file-per-frame format (default: %(default)s)")
+    p.add_argument("src", type=replay_source, metavar="SRC", help="folder of micrographs, or synthetic:N")
+    p.add_argument("--to-folder", type=Path, default=None, metavar="DIR", help="write the frames into this folder")
+    p.add_argument("--serialem-stack", default=None, metavar="NAME",
+                   help="append to this MRC stack (e.g. grid1.mrc) with its .mdoc (default: one file per frame)")
+    p.add_argument("--format", choices=("mrc", "tif"), default="mrc",
+                   help="one-file-per-frame format (default: %(default)s)")
     p.add_argument("--to-zmq", default=None, metavar="ADDRESS", help="bind this endpoint, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--zmq-socket", choices=("push", "pub"), default="push")
+    p.add_argument("--zmq-socket", choices=("push", "pub"), default="push",
+                   help="ZeroMQ socket type (default: %(default)s)")
     p.add_argument("--series", default=None, help="stream series id (default: replay-<time>)")
-    p.add_argument("--rate", type=float, default=1.0, help="frames per second (default: %(default)s; 0 = as fast as possible)")
-    p.add_argument("--size", type=int, default=512, help="synthetic frame side (default: %(default)s)")
-    p.add_argument("--pixel-size-nm", type=float, default=0.05, help="synthetic pixel size (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate", type=float, default=1.0,
+                   help="frames per second (default: %(default)s; 0 = as fast as possible)")
+    p.add_argument("--size", type=frame_side, default=512, metavar="PX",
+                   help="synthetic frame side (default: %(default)s)")
+    p.add_argument("--pixel-size-nm", type=positive_float, default=0.05,
+                   help="synthetic pixel size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default: %(default)s)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("events", help="replay the durable event log (JSON lines) since a time or an event id",
                        description="Print the events of <state>/events.jsonl as JSON lines, exactly as logged: all, or "
                        "those after an event id, or those rendered at or after an ISO 8601 time (UTC when no zone is "
-                       "given). For a dashboard that restarts or a subscriber that joined late.")
-    p.add_argument("--since", default=None, metavar="TIME|ID", help="ISO 8601 time (e.g. 2024-06-01T10:00:00Z) or event id")
-    p.add_argument("--topic", action="append", metavar="TOPIC",
-                   help="frame, particle, defect, error or warning (latticewatch.* accepted); repeatable; default all")
+                       "given). For a dashboard that restarts or a subscriber that joined late. Exit code 1 if the "
+                       "event id is not in the log.")
+    p.add_argument("--since", default=None, metavar="TIME|ID",
+                   help="ISO 8601 time (e.g. 2024-06-01T10:00:00Z) or event id (default: from the start)")
+    p.add_argument("--topic", type=topic_arg, action="append", metavar="TOPIC",
+                   help=f"{', '.join(EVENT_TOPICS)} (latticewatch.* accepted); repeatable (default: all)")
     p.add_argument("--state", type=Path, default=None, metavar="DIR", help="state directory (default: from --config)")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE", help="TOML config whose state directory to read")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML config whose state directory to read (default: none, ./latticewatch-data/state)")
     p.set_defaults(func=cmd_events)

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger("latticewatch.training.assess.evaluate")
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from latticewatch.cli.common import (
+    BASELINE_NAMES,
+    add_baselines,
+    add_profile,
+    add_threads,
+    baseline_names,
+    exit_code,
+    progress_enabled,
+    report_failure,
+)
+from latticewatch.errors import ConfigError
 
 _HELP = """\
 Score a profile's particle segmentation against labelled micrographs, and in the same run the
@@ -33,6 +40,10 @@ recall, pixel accuracy, balanced accuracy and the confusion matrix [[TN, FP], [F
 Baseline parameters come from the profile manifest when `calibrate baselines` stored them;
 else they are fitted on --fit-images/--fit-labels; else on the evaluation set itself, by
 2-fold cross-fitting (fit on one half, score the other) — a warning says so.
+
+Every frame of every image is scored; the sections of a stack share the stack's label. A file
+or section that cannot be read or analysed is named on stderr (and in --json "failures") and
+the rest is scored: exit code 1. A missing or unreadable label is exit code 2.
 """
 
 
@@ -52,39 +63,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--profile", default="nanoparticles", help="installed profile name or profile directory (default: %(default)s)")
+    add_profile(p)
     p.add_argument("--images", type=Path, required=True, metavar="DIR", help="labelled micrographs")
     p.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks, same file stems as the images")
     p.add_argument("--threshold", type=float, metavar="T",
-                   help="decision threshold on the particle probability, 0–1 (default: the manifest's segmentation.threshold)")
-    p.add_argument("--baselines", default="otsu,fourier,bragg", metavar="LIST",
-                   help="comma-separated baselines to run alongside, or 'none' (default: %(default)s)")
+                   help="decision threshold on the particle probability, 0–1 "
+                   "(default: the manifest's segmentation.threshold)")
+    add_baselines(p, BASELINE_NAMES, "baselines to run alongside")
     p.add_argument("--fit-images", type=Path, metavar="DIR", help="separate labelled images to fit the baselines on")
     p.add_argument("--fit-labels", type=Path, metavar="DIR", help="their masks")
     p.add_argument("--per-image", action="store_true", help="also report every image's metrics")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all usable cores)")
+    add_threads(p)
     p.set_defaults(func=evaluate_command)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from latticewatch.models.manifest import ManifestError
-    from latticewatch.training.assess.baselines import BaselineError
-    from latticewatch.training.assess.evaluate import evaluate, format_report, parse_baselines
-    from latticewatch.training.data.labelled import LabelledDataError
+    from latticewatch.training.assess.evaluate import evaluate, format_report
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold must lie in 0–1, got {args.threshold}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        report = evaluate(
-            args.profile, args.images, args.labels, threshold=args.threshold, baselines=parse_baselines(args.baselines),
-            fit_images=args.fit_images, fit_labels=args.fit_labels, per_image=args.per_image, threads=args.threads,
-            progress=sys.stderr.isatty(),
-        )
-    except (LabelledDataError, ManifestError, BaselineError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        raise ConfigError(f"--threshold must lie in 0–1, got {args.threshold}")
+    report = evaluate(
+        args.profile, args.images, args.labels, threshold=args.threshold, baselines=baseline_names(args.baselines),
+        fit_images=args.fit_images, fit_labels=args.fit_labels, per_image=args.per_image, threads=args.threads,
+        progress=progress_enabled(), on_failure=report_failure,
+    )
     fit = report["baseline_fit"]
     if fit and fit["source"] in ("cross_fit", "in_sample"):
         print(f"warning: baseline parameters {fit['note']}", file=sys.stderr)
@@ -93,4 +96,4 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print()
     else:
         print(format_report(report))
-    return EXIT_OK
+    return exit_code(report["failures"])

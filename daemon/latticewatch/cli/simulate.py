@@ -7,16 +7,13 @@ runs, so ``latticewatch --help`` works without the ``[simulate]`` extra.
 from __future__ import annotations
 
 import argparse
-import logging
-import shlex
-import sys
+import json
 from pathlib import Path
 
+from latticewatch.cli.common import command_line, error, exit_code, needs_extra
+from latticewatch.errors import ConfigError
+
 __all__ = ["register", "simulate_command"]
-
-logger = logging.getLogger("latticewatch.training.simulate")
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 _HELP = """\
 Simulate labelled HRTEM micrographs of nanoparticles on amorphous carbon with abTEM multislice,
@@ -63,7 +60,7 @@ Examples:
 
 _PRESET_HELP = (
     "starting point: default, or papers-au (Au only, 0.02-0.03 nm/px, defocus within 100 nm of Gaussian "
-    "focus, integrating camera, no empty images: the conditions of Groschner et al.'s Au data)"
+    "focus, integrating camera, no empty images: the conditions of Groschner et al.'s Au data) (default: %(default)s)"
 )
 
 
@@ -89,21 +86,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--n", type=int, required=True, help="number of images (may grow on a later run)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset directory (created; resumed if it exists)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="dataset directory (created; resumed if it exists)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes, one per core (default: %(default)s)")
     p.add_argument("--preset", default="default", help=_PRESET_HELP)
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512)")
-    p.add_argument("--pixel-size-nm", type=float, nargs=2, metavar=("LO", "HI"), help="pixel size range (default: 0.02 0.05)")
-    p.add_argument("--materials", type=_csv, metavar="LIST", help="comma-separated subset of Au,Pd,CdSe (equal weights)")
+    p.add_argument("--pixel-size-nm", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="pixel size range (default: 0.02 0.05)")
+    p.add_argument("--materials", type=_csv, metavar="LIST",
+                   help="comma-separated subset of Au,Pd,CdSe (equal weights)")
     p.add_argument("--classes", type=_csv, metavar="LIST",
                    help="comma-separated classes to produce (default weights kept); include 'empty' for images "
                         "without particles and bare-carbon crops")
-    p.add_argument("--particle-size-nm", type=float, nargs=2, metavar=("LO", "HI"), help="particle diameter range (default: 2 10)")
-    p.add_argument("--particles-per-image", type=int, nargs=2, metavar=("LO", "HI"), help="particles drawn per image (default: 1 5)")
-    p.add_argument("--dose", type=float, nargs=2, metavar=("LO", "HI"), help="dose range in e/A2, log-uniform (default: 200 5000)")
-    p.add_argument("--defocus-nm", type=float, nargs=2, metavar=("LO", "HI"), help="defocus range, positive = underfocus (default: -50 50)")
-    p.add_argument("--carbon-thickness-nm", type=float, nargs=2, metavar=("LO", "HI"), help="carbon film thickness range (default: 2 5)")
+    p.add_argument("--particle-size-nm", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="particle diameter range (default: 2 10)")
+    p.add_argument("--particles-per-image", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="particles drawn per image (default: 1 5)")
+    p.add_argument("--dose", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="dose range in e/A2, log-uniform (default: 200 5000)")
+    p.add_argument("--defocus-nm", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="defocus range, positive = underfocus (default: -50 50)")
+    p.add_argument("--carbon-thickness-nm", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="carbon film thickness range (default: 2 5)")
     p.add_argument("--max-sim-sampling", type=float, metavar="A",
                    help="coarsest multislice sampling in A (default: 0.2; 0.25 is ~2x faster at 0.05 nm/px)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -112,26 +117,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Run ``latticewatch simulate``; returns the exit code."""
-    try:
+    with needs_extra("simulate", "simulate", "abTEM"):
         import abtem  # noqa: F401  (here, not at module level: `latticewatch --help` works without it)
         import ase  # noqa: F401
-    except ImportError as err:
-        logger.debug("abTEM/ase import failed: %s", err)
-        print("error: simulate needs the [simulate] extra: pip install '.[simulate]'", file=sys.stderr)
-        return EXIT_USAGE
     from pydantic import ValidationError
 
-    from latticewatch.training.simulate import (
-        PRESETS,
-        DatasetMismatch,
-        SimulationConfig,
-        preset_config,
-        simulate_dataset,
-    )
+    from latticewatch.training.simulate.config import PRESETS, SimulationConfig, preset_config
+    from latticewatch.training.simulate.dataset import simulate_dataset
 
     if args.preset not in PRESETS:
-        print(f"error: unknown preset {args.preset!r}; presets are {', '.join(PRESETS)}", file=sys.stderr)
-        return EXIT_USAGE
+        raise ConfigError(f"unknown preset {args.preset!r}; presets are {', '.join(PRESETS)}")
     overrides = {
         "size": args.size,
         "pixel_size_nm": args.pixel_size_nm,
@@ -149,19 +144,13 @@ def simulate_command(args: argparse.Namespace) -> int:
         default_weights = {**SimulationConfig().classes, **base}
         overrides["classes"] = {c: default_weights.get(c, 0.05 if c == "empty" else 0.25) for c in args.classes}
     if args.n < 0 or args.workers < 1:
-        print("error: --n must be >= 0 and --workers >= 1", file=sys.stderr)
-        return EXIT_USAGE
+        raise ConfigError("--n must be >= 0 and --workers >= 1")
     try:
         config = preset_config(args.preset, **overrides)
-    except (ValidationError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    command = "latticewatch " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-    try:
-        run = simulate_dataset(args.out, args.n, args.seed, config, workers=args.workers, preset=args.preset, command=command)
-    except (DatasetMismatch, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    except (ValidationError, ValueError) as err:  # the simulation config names the option's key
+        raise ConfigError(str(err)) from None
+    run = simulate_dataset(args.out, args.n, args.seed, config, workers=args.workers, preset=args.preset,
+                           command=command_line(args))
     summary = {
         "out": str(run.out),
         "simulated": len(run.simulated),
@@ -172,13 +161,12 @@ def simulate_command(args: argparse.Namespace) -> int:
         "workers": run.workers,
     }
     if args.json:
-        import json
-
         print(json.dumps(summary, indent=2))
     else:
-        per = "" if run.seconds_per_image is None else f" ({run.seconds_per_image:.1f} s per image with {run.workers} worker(s))"
+        per = ("" if run.seconds_per_image is None
+               else f" ({run.seconds_per_image:.1f} s per image with {run.workers} worker(s))")
         print(f"{len(run.simulated)} image(s) simulated, {len(run.skipped)} already complete, {len(run.failed)} failed "
               f"in {run.seconds:.1f} s{per}; dataset card: {run.out / 'README.md'}")
-        for index, error in sorted(run.failed.items()):
-            print(f"error: image {index}: {error}", file=sys.stderr)
-    return EXIT_SOME_FAILED if run.failed else EXIT_OK
+        for index, problem in sorted(run.failed.items()):
+            error(f"image {index}: {problem}")
+    return exit_code(run.failed)

@@ -1,5 +1,4 @@
-"""Command-line pieces shared by ``latticewatch train`` and ``latticewatch cross-validate``, and
-the ``cross-validate`` command itself (registered by ``cli.build_parser``).
+"""Training commands: ``latticewatch train | train-classifier | cross-validate``.
 
 Nothing here imports torch at module level: the parser is built on machines without the
 ``[train]`` extra, and the commands say what to install when it is missing.
@@ -9,14 +8,53 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
+from latticewatch.cli.common import (
+    EXIT_OK,
+    add_baselines,
+    baseline_names,
+    command_line,
+    needs_extra,
+    progress_enabled,
+)
+from latticewatch.errors import ConfigError, InputError
 from latticewatch.models.architectures import ARCHITECTURES, DEFAULT_WIDTHS
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-TORCH_HINT = "training needs torch (pip install torch==2.13.0 && pip install '.[train]')"
+_TRAIN_HELP = (
+    "With --images/--labels: train a segmentation net on labelled micrographs (any readable format; masks non-zero = "
+    "foreground), preprocessed exactly as the analyser will (resampling to --pixel-size-nm, 3×3 median, "
+    "--normalisation), with random rotations (0–360°) and flips, cross-entropy + Dice loss, Adam, early stopping on a "
+    "validation split that holds out whole series; writes a segmentation-only profile. Without: generate analytic "
+    "HRTEM frames and train the U-Net and the 500-tree stacking-fault forest. Either way: ONNX + safetensors (+ skops) "
+    "and a manifest with the metrics and this command. Needs the [train] extra (torch)."
+)
+
+_CLASSIFIER_HELP = """\
+Train the profile's region classifier: the random forest of Groschner et al. (2021) — 500
+trees, Gini impurity, classes weighted to balance them — on five features of each region
+(mean, spread and centre of mass of its direction-resolved lattice-band Fourier power; mean
+and standard deviation of its pixels), computed after the profile's own preprocessing.
+
+Classes: stacking_fault, no_stacking_fault, misoriented, agglomeration, empty.
+
+Training regions come from a crops index (DIR/crops/index.csv as `latticewatch simulate`
+writes it: columns crop, mask, class, image, instance, pixel_size_nm; paths relative to the
+csv) or are generated analytically (--synthetic N per class). The crops of some source images
+are held out as the test set (never crops of one image on both sides); the balanced accuracy
+and confusion matrix on them are printed and recorded in the manifest.
+
+PROFILE_DIR must already be a profile (e.g. from `latticewatch train`); its forest file,
+manifest classifier section and sha256 are replaced, the segmentation model is kept.
+"""
+
+_CROSS_VALIDATE_HELP = (
+    "Split labelled images into --folds folds, never splitting an acquisition series (names ending _layer_NNNN share a "
+    "series), train a fresh net on each training split (early stopping on a series-grouped inner validation split) "
+    "and score it on the held-out fold; fit each --baselines method on the same split. Prints per-fold lines as folds "
+    "finish and a table of per-fold, pooled (all test pixels) and mean±sd metrics. Needs the [train] extra (torch)."
+)
 
 
 def pixel_size_arg(text: str) -> float | str:
@@ -29,6 +67,17 @@ def pixel_size_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a pixel size in nm or 'none', got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"pixel size must be positive, got {value}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """``--isolation``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"min_area_nm2\": 0.5}}', got {text!r}")
     return value
 
 
@@ -48,21 +97,87 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the images (whole series) held out for early stopping and metrics; "
                    "0 trains on all for exactly --steps (default: %(default)s)")
     g.add_argument("--steps", type=int, default=2000, help="maximum optimiser steps (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak Adam learning rate, cosine-decayed (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-4,
+                   help="peak Adam learning rate, cosine-decayed (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="crops per step (default: %(default)s)")
     g.add_argument("--crop", type=int, default=256, help="crop side in model pixels (default: %(default)s)")
     g.add_argument("--augment", choices=("rotate", "dihedral"), default=None,
-                   help="rotate: any angle 0–360° + flips (default for --images); dihedral: 90° turns + flips (default for --synthetic)")
-    g.add_argument("--eval-every", type=int, default=100, help="steps between validations and checkpoints (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=8, help="validations without improvement before stopping (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+                   help="rotate: any angle 0–360° + flips (default for --images); dihedral: 90° turns + flips "
+                   "(default for --synthetic)")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="steps between validations and checkpoints (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=8,
+                   help="validations without improvement before stopping (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of sampling, augmentation and initialisation (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: all cores)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``train-classifier`` and ``cross-validate`` to the top-level command parser."""
+    p = sub.add_parser("train", help="train a profile: on labelled images (--images/--labels) or on synthetic frames",
+                       description=_TRAIN_HELP)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="profile directory to write")
+    p.add_argument("--name", default="nanoparticles", help="profile name (default: %(default)s)")
+    g = p.add_argument_group("labelled data")
+    g.add_argument("--images", type=Path, metavar="DIR", help="training images")
+    g.add_argument("--labels", type=Path, metavar="DIR", help="masks with the same file stems")
+    g.add_argument("--val-images", type=Path, metavar="DIR",
+                   help="separate validation images (instead of --val-fraction)")
+    g.add_argument("--val-labels", type=Path, metavar="DIR", help="masks of --val-images")
+    g.add_argument("--foreground", default="particle", help="what the foreground class is (default: %(default)s)")
+    g.add_argument("--description", default="", help="profile description for the manifest (default: none)")
+    g.add_argument("--isolation", type=json_object, metavar="JSON",
+                   help='isolation rules for the manifest, e.g. \'{"min_area_nm2": 0.5}\' '
+                   "(default: the built-in rules)")
+    g.add_argument("--low-value-class", type=int, choices=(0, 1), default=None,
+                   help="class-mask value the archive may reduce (default: 0, the background)")
+    g.add_argument("--cross-validation", type=Path, nargs="+", default=[], metavar="CV.json",
+                   help="record these cross-validate results in the manifest (this architecture's, and variants "
+                   "compared)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoint.safetensors of an interrupted run")
+    g = p.add_argument_group("synthetic data")
+    g.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="training frames to generate (default: 300)")
+    g.add_argument("--regions-per-class", type=int, default=300,
+                   help="forest training regions per class (default: %(default)s)")
+    add_training_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-classifier", help="train the 5-class stacking-fault forest of a profile",
+                       description=_CLASSIFIER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, metavar="PROFILE_DIR", help="profile directory to update")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--crops", type=Path, metavar="INDEX_CSV", help="crops index, e.g. sim/crops/index.csv")
+    source.add_argument("--synthetic", type=int, metavar="N_PER_CLASS",
+                        help="generate N analytic regions per class instead")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of source images held out for testing (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the forest and synthetic regions (default: %(default)s)")
+    p.set_defaults(func=train_classifier_command)
+
+    p = sub.add_parser("cross-validate", description=_CROSS_VALIDATE_HELP,
+                       help="k-fold cross-validation of a segmentation net (and baselines) on labelled images")
+    p.add_argument("--images", type=Path, required=True, metavar="DIR", help="images (MRC, TIFF, PNG, DM, SER, EMD)")
+    p.add_argument("--labels", type=Path, required=True, metavar="DIR",
+                   help="masks with the same stems (non-zero = foreground)")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed dealing series to folds (default: %(default)s)")
+    add_baselines(p, (), "classical baselines fitted on each training split")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="write all results here (updated after every fold)")
+    p.add_argument("--resume", action="store_true", help="reuse the finished folds of a matching earlier run in --json")
+    add_training_arguments(p)
+    p.set_defaults(func=cmd_cross_validate)
 
 
 def training_config(args: argparse.Namespace, *, augment: str):
-    """`UNetTrainingConfig` from parsed options (imports torch; raises ImportError without it)."""
+    """`UNetTrainingConfig` from parsed options; a missing torch is a `ConfigError` naming the extra."""
     from latticewatch.models.architectures import check
-    from latticewatch.training.fit.unet import UNetTrainingConfig
+
+    with needs_extra("training"):
+        from latticewatch.training.fit.unet import UNetTrainingConfig
 
     widths = check(args.arch, args.widths or DEFAULT_WIDTHS[args.arch])
     return UNetTrainingConfig(
@@ -72,67 +187,112 @@ def training_config(args: argparse.Namespace, *, augment: str):
     )
 
 
-def progress_enabled() -> bool:
-    return sys.stderr.isatty()
+def load_cross_validation(path: Path) -> dict:
+    """A ``cross-validate --json`` result, for recording in a trained profile's manifest."""
+    result = json.loads(Path(path).read_text())
+    if "model" not in result or "pooled" not in result["model"]:
+        raise InputError(f"{path}: not a finished cross-validate result (no pooled model metrics)")
+    return result
+
+
+def _check_train_options(args: argparse.Namespace) -> None:
+    if args.images is None and (args.labels or args.val_images or args.val_labels):
+        raise ConfigError("--labels/--val-images/--val-labels need --images")
+    if args.images is not None and (args.labels is None or args.synthetic is not None):
+        raise ConfigError("--images needs --labels and excludes --synthetic")
+    if (args.val_images is None) != (args.val_labels is None):
+        raise ConfigError("give both --val-images and --val-labels")
+    if args.images is None and (args.pixel_size_nm == "none" or (args.normalisation or "max") != "max"):
+        raise ConfigError("--synthetic profiles use max normalisation at a known pixel size")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _check_train_options(args)
+    config = training_config(args, augment="dihedral" if args.images is None else "rotate")
+    from latticewatch.training.fit.profile import build_labelled_profile, build_synthetic_profile
+
+    if args.images is None:
+        manifest = build_synthetic_profile(
+            args.out, name=args.name, n_frames=args.synthetic or 300, n_regions_per_class=args.regions_per_class,
+            pixel_size_nm=args.pixel_size_nm or 0.05, config=config, progress=progress_enabled(),
+            command=command_line(args),
+        )
+        seg, clf = manifest.training["segmentation"].metrics, manifest.training["classifier"].metrics
+        print(f"profile {manifest.name} written to {args.out}: validation Dice {seg['val_dice']:.3f}, "
+              f"forest balanced accuracy {clf['balanced_accuracy']:.3f}")
+        return EXIT_OK
+    manifest = build_labelled_profile(
+        args.out, name=args.name, images_dir=args.images, labels_dir=args.labels, config=config,
+        normalisation=args.normalisation or "max", pixel_size_nm=args.pixel_size_nm, command=command_line(args),
+        val_fraction=args.val_fraction, val_dirs=(args.val_images, args.val_labels) if args.val_images else None,
+        foreground=args.foreground, description=args.description, isolation=args.isolation,
+        archive=None if args.low_value_class is None else {"low_value_class": args.low_value_class},
+        cross_validation=[load_cross_validation(path) for path in args.cross_validation], resume=args.resume,
+        progress=progress_enabled(),
+    )
+    metrics = manifest.training["segmentation"].metrics
+    scores = metrics.get("validation")
+    if scores:
+        summary = (f"validation Dice {scores['dice']:.3f}, Jaccard {scores['jaccard']:.3f} "
+                   f"on {scores['n_images']} images")
+    else:
+        summary = f"{metrics['steps']} steps on all {metrics['n_train_images']} images, no validation split"
+    print(f"profile {manifest.name} ({config.architecture}) written to {args.out}: {summary}")
+    return EXIT_OK
 
 
 def cmd_cross_validate(args: argparse.Namespace) -> int:
-    from latticewatch.models.architectures import ArchitectureError
-    from latticewatch.training.data.labelled import LabelledDataError, load_labelled
+    from latticewatch.training.data.labelled import load_labelled
 
-    try:
-        from latticewatch.training.assess.cross_validation import cross_validate, format_table
+    config = training_config(args, augment="rotate")
+    from latticewatch.training.assess.cross_validation import cross_validate, format_table
 
-        config = training_config(args, augment="rotate")
-    except ImportError as err:
-        print(f"error: {TORCH_HINT}: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except ArchitectureError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        data = load_labelled(args.images, args.labels)
-        result = cross_validate(
-            data, config, folds=args.folds, fold_seed=args.fold_seed, normalisation=args.normalisation or "max",
-            pixel_size_nm=args.pixel_size_nm, val_fraction=args.val_fraction, baselines=args.baselines, out_json=args.json,
-            resume=args.resume, command="latticewatch " + shlex.join(args.argv), progress=progress_enabled(),
-            report=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-    except (LabelledDataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    result = cross_validate(
+        load_labelled(args.images, args.labels), config, folds=args.folds, fold_seed=args.fold_seed,
+        normalisation=args.normalisation or "max", pixel_size_nm=args.pixel_size_nm, val_fraction=args.val_fraction,
+        baselines=baseline_names(args.baselines), out_json=args.json, resume=args.resume, command=command_line(args),
+        progress=progress_enabled(), report=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(format_table(result))
     if args.json:
         print(f"results in {args.json}")
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``cross-validate`` to the top-level command parser."""
-    p = sub.add_parser(
-        "cross-validate",
-        help="k-fold cross-validation of a segmentation net (and baselines) on labelled images",
-        description="Split labelled images into --folds folds, never splitting an acquisition series (names ending "
-        "_layer_NNNN share a series), train a fresh net on each training split (early stopping on a series-grouped "
-        "inner validation split) and score it on the held-out fold; fit each --baselines method on the same split. "
-        "Prints per-fold lines as folds finish and a table of per-fold, pooled (all test pixels) and mean±sd "
-        "metrics. Needs the [train] extra (torch).",
-    )
-    p.add_argument("--images", type=Path, required=True, metavar="DIR", help="images (MRC, TIFF, PNG, DM, SER, EMD)")
-    p.add_argument("--labels", type=Path, required=True, metavar="DIR", help="masks with the same stems (non-zero = foreground)")
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
-    p.add_argument("--fold-seed", type=int, default=0, help="seed dealing series to folds (default: %(default)s)")
-    p.add_argument("--baselines", nargs="*", default=[], choices=("bragg", "fourier", "otsu"), metavar="NAME",
-                   help="classical baselines fitted on each training split: bragg, fourier, otsu")
-    p.add_argument("--json", type=Path, metavar="OUT.json", help="write all results here (updated after every fold)")
-    p.add_argument("--resume", action="store_true", help="reuse the finished folds of a matching earlier run in --json")
-    add_training_arguments(p)
-    p.set_defaults(func=cmd_cross_validate)
+def _print_confusion(metrics: dict) -> None:
+    classes = metrics["classes"]
+    short = [c.replace("no_stacking_fault", "no SF").replace("stacking_fault", "SF")[:10] for c in classes]
+    width = max(len(c) for c in classes)
+    print("confusion matrix on the held-out images (rows: true class, columns: predicted)")
+    print(" " * width + "  " + "  ".join(f"{s:>10}" for s in short))
+    for name, row in zip(classes, metrics["confusion_matrix"]):
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>10d}" for v in row))
 
 
-def load_cross_validation(path: Path) -> dict:
-    """A ``cross-validate --json`` result, for recording in a trained profile's manifest."""
-    result = json.loads(Path(path).read_text())
-    if "model" not in result or "pooled" not in result["model"]:
-        raise ValueError(f"{path}: not a finished cross-validate result (no pooled model metrics)")
-    return result
+def train_classifier_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import read_manifest
+    from latticewatch.training.fit.classifier import features_from_index, synthetic_features, train_classifier
+
+    if not 0 < args.test_fraction < 1:
+        raise ConfigError(f"--test-fraction must lie between 0 and 1, got {args.test_fraction}")
+    if args.synthetic is not None and args.synthetic < 2:
+        raise ConfigError(f"--synthetic needs at least 2 regions per class, got {args.synthetic}")
+    manifest = read_manifest(args.out)
+    if args.crops is not None:
+        features = features_from_index(args.crops, manifest, progress=progress_enabled())
+    else:
+        features = synthetic_features(args.synthetic, args.seed, manifest, progress=progress_enabled())
+    for reason in features.skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    try:
+        result = train_classifier(args.out, features, test_fraction=args.test_fraction, seed=args.seed,
+                                  command=command_line(args))
+    except ValueError as err:  # the training data cannot be split (e.g. all crops from one image)
+        raise InputError(str(err)) from err
+    m = result.metrics
+    print(f"{m['n_train']} training regions from {m['n_images_train']} image(s), {m['n_test']} test regions from "
+          f"{m['n_images_test']} other image(s)")
+    _print_confusion(m)
+    print(f"balanced accuracy on the held-out images: {m['balanced_accuracy']:.3f}")
+    print(f"forest written to {args.out / result.manifest.classifier.skops}; manifest updated")
+    return EXIT_OK

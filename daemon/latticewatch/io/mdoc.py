@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from latticewatch.io.jsonio import parse_timestamp
+
 log = logging.getLogger("latticewatch.io.mdoc")
 
 _SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]\s*$")
@@ -83,13 +85,10 @@ def parse_datetime(value: str) -> datetime | None:
     >>> parse_datetime("04-Dec-19  10:38:23") == parse_datetime("04-Dec-2019 10:38:23")
     True
     """
-    text = " ".join(value.split())
-    for fmt in _DATETIME_FORMATS:
-        try:
-            return datetime.strptime(text, fmt)
-        except ValueError:
-            continue
-    return None
+    try:
+        return parse_timestamp(value, _DATETIME_FORMATS)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 from latticewatch.errors import ModelError
 
 #: pyNanoFind trained on the 3×3-median-filtered image divided by its maximum.
@@ -26,7 +27,12 @@ class KerasImportError(ModelError, ValueError):
 
 
 def read_keras_weights(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Layer name → {weight name → array} from a Keras 2 ``.h5`` weight file, in file order."""
+    """Layer name → {weight name → array} from a Keras 2 ``.h5`` weight file, in file order.
+
+    >>> layers = read_keras_weights("unet32_AuCdSeDots_09_final.h5")  # doctest: +SKIP
+    >>> sorted(layers["conv2d_1"])  # doctest: +SKIP
+    ['bias', 'kernel']
+    """
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
@@ -35,7 +41,8 @@ def read_keras_weights(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
             layers: dict[str, dict[str, np.ndarray]] = {}
             for name in names:
                 group = root[name]
-                weight_names = [w.decode() if isinstance(w, bytes) else w for w in group.attrs.get("weight_names", [])]
+                weight_names = [w.decode() if isinstance(w, bytes) else w
+                                for w in group.attrs.get("weight_names", [])]
                 if weight_names:
                     layers[name] = {w.split("/")[-1].split(":")[0]: np.asarray(group[w]) for w in weight_names}
     except (OSError, KeyError) as err:
@@ -44,17 +51,26 @@ def read_keras_weights(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _numbered(layers: dict[str, dict[str, np.ndarray]], prefix: str) -> list[dict[str, np.ndarray]]:
-    found = sorted((int(name.rsplit("_", 1)[1]), arrays) for name, arrays in layers.items() if name.startswith(prefix))
+    found = sorted((int(name.rsplit("_", 1)[1]), arrays) for name, arrays in layers.items()
+                   if name.startswith(prefix))
     return [arrays for _, arrays in found]
 
 
-def keras_to_state_dict(layers: dict[str, dict[str, np.ndarray]], source: str = "weights") -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
-    """Widths and a `UNet` state dict (numpy arrays) from pyNanoFind's Keras layers."""
+def keras_to_state_dict(
+    layers: dict[str, dict[str, np.ndarray]], source: str = "weights"
+) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
+    """Widths and a `UNet` state dict (numpy arrays) from pyNanoFind's Keras layers.
+
+    >>> widths, state = keras_to_state_dict(read_keras_weights("unet32_AuCdSeDots_09_final.h5"))  # doctest: +SKIP
+    >>> widths  # doctest: +SKIP
+    (4, 8, 16, 32)
+    """
     convs, norms = _numbered(layers, "conv2d_"), _numbered(layers, "batch_normalization_")
     head = layers.get("final_layer")
     if head is None or len(convs) != len(norms) or (len(convs) - 2) % 3:
-        raise KerasImportError(f"{source}: expected conv2d_1…N, batch_normalization_1…N and final_layer of a U-Net; "
-                               f"found {len(convs)} convs, {len(norms)} batch norms, final_layer {'present' if head else 'missing'}")
+        raise KerasImportError(f"{source}: expected conv2d_1…N, batch_normalization_1…N and final_layer "
+                               f"of a U-Net; found {len(convs)} convs, {len(norms)} batch norms, "
+                               f"final_layer {'present' if head else 'missing'}")
     levels = (len(convs) - 2) // 3
     widths = tuple(int(c["kernel"].shape[-1]) for c in convs[:levels])
     modules = [f"encoder.{i}" for i in range(levels)] + ["centre.0", "centre.1"]
@@ -77,14 +93,22 @@ def import_keras_profile(h5_path: str | Path, out_dir: str | Path, *, name: str,
     """Write a profile directory (ONNX + safetensors + manifest) from a pyNanoFind weight file.
 
     The published files do not state the pixel size of their training data, so the manifest
-    leaves it unset and frames are analysed at their own sampling.
+    leaves it unset and frames are analysed at their own sampling. Every file is written
+    atomically, the manifest last.
+
+    Examples
+    --------
+    >>> import_keras_profile("unet32_AuCdSeDots_09_final.h5", "profiles/pynanofind", name="pynanofind",
+    ...                      command="latticewatch models import-keras unet32_AuCdSeDots_09_final.h5")  # doctest: +SKIP
+    PosixPath('profiles/pynanofind')
     """
     import torch
     from safetensors.torch import save_file
 
     from latticewatch import __version__
+    from latticewatch.io.atomic import atomic_path
     from latticewatch.models.export import export_onnx
-    from latticewatch.models.manifest import Manifest, sha256_of
+    from latticewatch.models.manifest import Manifest, file_digests, sha256_of, write_manifest
     from latticewatch.models.unet import UNet
 
     h5_path, out_dir = Path(h5_path), Path(out_dir)
@@ -96,17 +120,19 @@ def import_keras_profile(h5_path: str | Path, out_dir: str | Path, *, name: str,
         raise KerasImportError(f"{h5_path}: no weights for {sorted(missing)}")
     net.load_state_dict(tensors, strict=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(net.state_dict(), str(out_dir / "unet.safetensors"), metadata={"widths": json.dumps(list(widths))})
-    export_onnx(net.eval(), out_dir / "unet.onnx")
-    files = ["unet.onnx", "unet.safetensors"]
+    with atomic_path(out_dir / "unet.safetensors") as tmp:
+        save_file(net.state_dict(), str(tmp), metadata={"widths": json.dumps(list(widths))})
+    with atomic_path(out_dir / "unet.onnx") as tmp:
+        export_onnx(net.eval(), tmp)
     manifest = Manifest(
         name=name,
         version=__version__,
         description=f"pyNanoFind U-Net imported from {h5_path.name} (Groschner, Choi & Scott 2021); segmentation only",
-        files={f: sha256_of(out_dir / f) for f in files},
+        files=file_digests(out_dir, ["unet.onnx", "unet.safetensors"]),
         segmentation={"onnx": "unet.onnx", "weights": "unet.safetensors", "widths": widths, "pixel_size_nm": None,
                       "normalisation": KERAS_NORMALISATION, "threshold": 0.5},
-        training={"segmentation": {"command": command, "data": f"imported from {h5_path.name} (sha256 {sha256_of(h5_path)})"}},
+        training={"segmentation": {"command": command,
+                                   "data": f"imported from {h5_path.name} (sha256 {sha256_of(h5_path)})"}},
     )
-    (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    write_manifest(out_dir, manifest)
     return out_dir

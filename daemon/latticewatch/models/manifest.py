@@ -2,22 +2,34 @@
 
 A profile is data: the files it names are checked against their sha256 before use, and the
 manifest states the pixel size and normalisation the network was trained with.
+
+This module is the only reader and writer of ``manifest.json``: `read_manifest`, `write_manifest`
+(atomic, and only for files that match their sha256) and `update_manifest` (read, change, validate,
+write). `recorded_command` and `relative_path` make the provenance a manifest records (the command
+that trained a model, the data it saw) free of the training machine's absolute paths.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from latticewatch.errors import ModelError
 from latticewatch.frame import CLASSES
+from latticewatch.io.atomic import write_atomic
 from latticewatch.models import architectures
 from latticewatch.stages.isolate import IsolationParams
 from latticewatch.stages.preprocess import Normalisation
-from latticewatch.errors import ModelError
+
+#: File name of the manifest inside a profile directory.
+MANIFEST_NAME = "manifest.json"
 
 
 class _Strict(BaseModel):
@@ -100,6 +112,14 @@ class Manifest(_Strict):
 
 
 def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "empty"
+    >>> _ = path.write_bytes(b"")
+    >>> sha256_of(path)[:16]
+    'e3b0c44298fc1c14'
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -107,13 +127,38 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digests(directory: Path, names: Iterable[str]) -> dict[str, str]:
+    """The manifest's ``files``: name → sha256 of each named file in ``directory``.
+
+    >>> file_digests(Path("profiles/np"), ["unet.onnx", "forest.skops"])  # doctest: +SKIP
+    {'unet.onnx': '9f2c…', 'forest.skops': '41d0…'}
+    """
+    return {name: sha256_of(Path(directory) / name) for name in names}
+
+
 class ManifestError(ModelError):
     """A profile directory whose manifest or files cannot be trusted."""
 
 
+def _verify_files(directory: Path, manifest: Manifest) -> None:
+    path = directory / MANIFEST_NAME
+    for name, expected in manifest.files.items():
+        file = directory / name
+        if not file.is_file():
+            raise ManifestError(f"{path}: listed file {name} is missing")
+        if sha256_of(file) != expected:
+            raise ManifestError(f"{file}: sha256 does not match the manifest; the model file was altered")
+
+
 def read_manifest(directory: Path, *, verify: bool = True) -> Manifest:
-    """Validate ``directory/manifest.json`` and (optionally) the sha256 of every file it lists."""
-    path = directory / "manifest.json"
+    """Validate ``directory/manifest.json`` and (optionally) the sha256 of every file it lists.
+
+    >>> from latticewatch_nanoparticles import profile_dir
+    >>> read_manifest(profile_dir).segmentation.onnx
+    'unet.onnx'
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
     try:
         manifest = Manifest.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
@@ -125,10 +170,99 @@ def read_manifest(directory: Path, *, verify: bool = True) -> Manifest:
     if missing:
         raise ManifestError(f"{path}: files {sorted(missing)} are used but have no sha256 in 'files'")
     if verify:
-        for name, expected in manifest.files.items():
-            file = directory / name
-            if not file.is_file():
-                raise ManifestError(f"{path}: listed file {name} is missing")
-            if sha256_of(file) != expected:
-                raise ManifestError(f"{file}: sha256 does not match the manifest; the model file was altered")
+        _verify_files(directory, manifest)
     return manifest
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Write ``directory/manifest.json`` atomically, after checking every listed file's sha256.
+
+    A manifest is never written for files it does not describe, so a written profile always
+    passes `read_manifest`.
+
+    Examples
+    --------
+    >>> manifest = Manifest(name="np", version="0.1.0", files=file_digests(out, ["unet.onnx"]),
+    ...                     segmentation={"onnx": "unet.onnx", "pixel_size_nm": 0.05})  # doctest: +SKIP
+    >>> write_manifest(out, manifest)  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    _verify_files(directory, manifest)
+    write_atomic(directory / MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
+    return manifest
+
+
+def update_manifest(directory: Path, change: Callable[[dict[str, Any]], None], *, dry_run: bool = False) -> Manifest:
+    """Apply ``change`` to the manifest's JSON, validate it, check the files' sha256, write it.
+
+    The profile must be intact before the change (`read_manifest` with verification). A change
+    that makes the manifest invalid raises `ManifestError` and leaves the file as it was;
+    ``dry_run`` validates the change and writes nothing.
+
+    Examples
+    --------
+    >>> def lower(m):
+    ...     m["segmentation"]["threshold"] = m["isolation"]["threshold"] = 0.4
+    >>> update_manifest(Path("profiles/np"), lower).segmentation.threshold  # doctest: +SKIP
+    0.4
+    """
+    directory = Path(directory)
+    read_manifest(directory)
+    data = json.loads((directory / MANIFEST_NAME).read_text())
+    change(data)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(f"{directory / MANIFEST_NAME}: the update would make the manifest invalid: {err}") from None
+    return manifest if dry_run else write_manifest(directory, manifest)
+
+
+# ------------------------------------------------------------------------------ provenance
+
+
+def relative_path(path: str | os.PathLike, dataset: Path | None = None) -> str:
+    """``path`` as a manifest records it: never a machine's absolute path.
+
+    A relative path stays as it is. An absolute one is written relative to the working directory
+    when it lies below it, else relative to the folder holding the data set ``dataset`` (so it
+    starts with the data set's own folder name), else as its bare name.
+
+    Examples
+    --------
+    >>> relative_path("/data/graphene/images", Path("/data/graphene"))
+    'graphene/images'
+    >>> relative_path("/scratch/cv/fpn.json", Path("/data/graphene")), relative_path("sim/train/images")
+    ('fpn.json', 'sim/train/images')
+    """
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        return text
+    absolute = Path(os.path.normpath(text))
+    bases = [Path.cwd()]
+    if dataset is not None:
+        bases.append(Path(os.path.abspath(dataset)).parent)
+    for base in bases:
+        if base.parent != base and absolute.is_relative_to(base):  # never relative to the filesystem root
+            return absolute.relative_to(base).as_posix()
+    return absolute.name
+
+
+def recorded_command(argv: Sequence[str], dataset: Path | None = None) -> str:
+    """The ``latticewatch …`` command line for a manifest, its absolute paths made relative.
+
+    Every argument that is an absolute path (alone or after ``--option=``) goes through
+    `relative_path`; ``dataset`` is the data set the command read (e.g. the folder holding
+    ``--images`` and ``--labels``).
+
+    Examples
+    --------
+    >>> recorded_command(["train", "--images", "/data/graphene/images", "--out=/scratch/np"], Path("/data/graphene"))
+    'latticewatch train --images graphene/images --out=np'
+    """
+    def portable(arg: str) -> str:
+        option, sep, value = arg.partition("=")
+        if sep and option.startswith("--"):
+            return f"{option}={relative_path(value, dataset)}"
+        return relative_path(arg, dataset)
+
+    return "latticewatch " + shlex.join(portable(arg) for arg in argv)

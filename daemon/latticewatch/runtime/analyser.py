@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from latticewatch.errors import FrameError
-from latticewatch.frame import Analysis, Frame, Region
+from latticewatch.frame import MIN_SIDE_PX, Analysis, Frame, Region
 from latticewatch.models.architectures import receptive_field
 from latticewatch.models.backends import SegmentationBackend
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
@@ -27,9 +27,6 @@ from latticewatch.stages.features import region_features
 from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
 from latticewatch.stages.preprocess import Preprocessed, pad_to_multiple, preprocess
 from latticewatch.stages.segment import segment
-
-#: Frames below this side length cannot hold a particle at any sensible sampling.
-MIN_SIDE_PX = 16
 
 
 @contextmanager
@@ -41,8 +38,12 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
-    """Index into an axis of length ``n_in`` for each of ``n_out`` pixels (pixel-centre aligned)."""
+def nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """Index into an axis of length ``n_in`` for each of ``n_out`` pixels (pixel-centre aligned).
+
+    >>> nearest_index(4, 2).tolist()
+    [0, 0, 1, 1]
+    """
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.intp), n_in - 1)
 
 
@@ -181,7 +182,7 @@ class Analyser:
                 for index, (r, f, (label, probs)) in enumerate(zip(isolated, features, verdicts))
             )
             h, w = frame.pixels.shape
-            rows, cols = _nearest_index(h, clean.shape[0]), _nearest_index(w, clean.shape[1])
+            rows, cols = nearest_index(h, clean.shape[0]), nearest_index(w, clean.shape[1])
             mask = clean[rows[:, None], cols[None, :]].astype(np.uint8)
             confidence = float(np.mean(np.maximum(probability, 1.0 - probability)))
             full_probability = None

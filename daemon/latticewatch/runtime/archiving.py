@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from latticewatch.frame import Analysis, Frame
+from latticewatch.io.readers import ReadError
 from latticewatch.models.manifest import ArchiveRules
+from latticewatch.runtime.eventlog import EventLog
 from latticewatch.runtime.ledger import Ledger
 from latticewatch.runtime.store import StateDir, entry_key
 from latticewatch.sinks.archive import ArchiveUnavailable, ArchiveWriter, UncertaintyRule
-from latticewatch.sinks.events import EventLog, error_event, render
+from latticewatch.sinks.events import archive_error_event
 from latticewatch.sources.base import Source
-from latticewatch.io.readers import ReadError
 
-log = logging.getLogger("latticewatch.runtime.archiving")
+log = logging.getLogger(__name__)
 
 #: Longest the writer thread sleeps while idle: how soon the backlog is looked at again.
 IDLE_S = 0.2
@@ -52,7 +53,8 @@ def open_session_writer(root: str | Path, prefix: str, rules: ArchiveRules, *, p
     Examples
     --------
     >>> import tempfile
-    >>> writer = open_session_writer(tempfile.mkdtemp(), "run", ArchiveRules(), policy="drop", margin_nm=0.5, reduce=True)
+    >>> rules = ArchiveRules()
+    >>> writer = open_session_writer(tempfile.mkdtemp(), "run", rules, policy="drop", margin_nm=0.5, reduce=True)
     >>> writer.session.startswith("run-"), writer.low_value_class
     (True, 0)
     """
@@ -219,10 +221,7 @@ class ArchiveSink:
             if not self._paused:
                 self._paused = True
                 self.counters["outages"] += 1
-                problem = (f"not archived ({err.reason}): {err}; archiving is paused, analysis and publishing "
-                           "continue, and it retries by itself and archives the frames it missed")
-                self.events.notify(render([error_event(frame.frame_id, frame.origin, problem, id_suffix="archive-error",
-                                                       component="archive", reason=err.reason, retry_in_s=err.retry_in_s)]))
+                self._report_outage(frame, err)
             return False
         except Exception:  # a frame the writer cannot encode, a locked session: this frame only
             log.exception("archive: %s could not be archived", frame.frame_id)
@@ -237,3 +236,10 @@ class ArchiveSink:
             self._paused = False
             log.warning("archive: resumed; archiving the frames published meanwhile")
         return True
+
+    def _report_outage(self, frame: Frame, err: ArchiveUnavailable) -> None:
+        """The one error event of an outage, on the frame that found the archive unavailable."""
+        problem = (f"not archived ({err.reason}): {err}; archiving is paused, analysis and publishing "
+                   "continue, and it retries by itself and archives the frames it missed")
+        event = archive_error_event(frame.frame_id, frame.origin, problem, reason=err.reason, retry_in_s=err.retry_in_s)
+        self.events.notify([event])

@@ -1,17 +1,24 @@
 """``latticewatch bench``: per-stage medians of the pipeline on synthetic frames, and a naive
-reference pipeline (the seed's approach) timed on the same frames in the same run."""
+reference pipeline (the seed's approach) timed on the same frames in the same run.
+
+The pipeline's frames go through the batch path (`latticewatch.runtime.batch`) exactly as
+``process`` runs them, so a frame the analyser refuses is a reported failure, not a traceback.
+"""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latticewatch.frame import Frame
+from latticewatch.frame import Analysis, Frame
 from latticewatch.runtime.analyser import Analyser
+from latticewatch.runtime.batch import Batch, Failure
 
 #: Camera sampling of the benchmark frames: finer than the model's, as on a 4k camera at HRTEM
 #: magnification, so the pipeline resamples exactly as it would in production.
@@ -19,7 +26,7 @@ BENCH_PIXEL_SIZE_NM = 0.025
 
 
 def synthetic_frame(side: int, seed: int = 0) -> Frame:
-    from latticewatch.testing.synthetic import generate_frame
+    from latticewatch.testing.synthetic.frames import generate_frame
 
     sample = generate_frame(np.random.default_rng(seed), shape=(side, side), pixel_size_nm=BENCH_PIXEL_SIZE_NM)
     return Frame(f"synthetic:{side}", sample.image, BENCH_PIXEL_SIZE_NM, origin="bench")
@@ -59,7 +66,8 @@ class NaivePipeline:
                 for c in range(0, image.shape[1], 512):
                     tile = self.torch.from_numpy(np.ascontiguousarray(image[r : r + 512, c : c + 512]))[None, None]
                     prob[r : r + 512, c : c + 512] = self.net(tile)[0, 1].numpy()
-        mask = morphology.closing(morphology.opening(prob > self.threshold, morphology.disk(self.open_px)), morphology.disk(self.close_px))
+        mask = morphology.closing(morphology.opening(prob > self.threshold, morphology.disk(self.open_px)),
+                                  morphology.disk(self.close_px))
         labels = measure.label(mask)
         n = 0
         for region in measure.regionprops(labels, intensity_image=image):
@@ -69,11 +77,26 @@ class NaivePipeline:
             radius = np.hypot(yy - 128, xx - 128).astype(int)
             profile = [power[radius == k].mean() for k in range(128)]
             com = sum(k * p for k, p in enumerate(profile)) / sum(profile)
-            feats = [[np.mean(profile), np.std(profile), com, region.intensity_mean, float(np.std(region.image_intensity[region.image]))]]
+            feats = [[np.mean(profile), np.std(profile), com, region.intensity_mean,
+                      float(np.std(region.image_intensity[region.image]))]]
             if self.forest is not None:
                 self.forest.predict_proba(feats)
             n += 1
         return n
+
+
+def timed_analyses(analyser: Analyser, frame: Frame, repeats: int, batch: Batch) -> list[tuple[float, Analysis]]:
+    """``repeats`` timed analyses of ``frame`` on the batch path, after one untimed warm-up
+    (session allocation for this shape); empty when the analyser refuses the frame."""
+
+    def timed(f: Frame) -> tuple[float, Analysis]:
+        start = time.perf_counter()
+        analysis = analyser.analyse(f)
+        return time.perf_counter() - start, analysis
+
+    if not list(batch.analyse([frame], analyser.analyse)):  # the warm-up; a refused frame fails once
+        return []
+    return [result for _, result in batch.analyse(itertools.repeat(frame, repeats), timed)]
 
 
 def run_pipeline_bench(
@@ -83,9 +106,21 @@ def run_pipeline_bench(
     repeats: int = 7,
     naive: bool = True,
     threads: int | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
 ) -> dict[str, Any]:
-    """Medians (seconds) per stage and end to end for each frame side, plus the naive pipeline."""
+    """Medians (seconds) per stage and end to end for each frame side, plus the naive pipeline.
+
+    A size the analyser refuses is left out of ``sizes`` and listed in ``failures`` (and passed to
+    ``on_failure`` as it happens).
+
+    Examples
+    --------
+    >>> results = run_pipeline_bench(sizes=(1024,), repeats=3, naive=False)  # doctest: +SKIP
+    >>> round(results["sizes"]["1024"]["median_s"], 2), results["failures"]  # doctest: +SKIP
+    (0.21, [])
+    """
     analyser = Analyser(profile, threads=threads)
+    batch = Batch(on_failure=on_failure)
     naive_pipeline, naive_note = None, None
     if naive:
         try:
@@ -93,20 +128,20 @@ def run_pipeline_bench(
         except ImportError as err:
             naive_note = f"naive pipeline skipped: {err} (install the [train] extra for torch)"
     results: dict[str, Any] = {"profile": analyser.model_ids, "frame_pixel_size_nm": BENCH_PIXEL_SIZE_NM,
-                               "model_pixel_size_nm": analyser.manifest.segmentation.pixel_size_nm, "repeats": repeats, "sizes": {}}
+                               "model_pixel_size_nm": analyser.manifest.segmentation.pixel_size_nm, "repeats": repeats,
+                               "sizes": {}}
     if naive_note:
         results["note"] = naive_note
     for side in sizes:
         frame = synthetic_frame(side)
-        analyser.analyse(frame)  # warm-up: session allocation for this shape
+        runs = timed_analyses(analyser, frame, repeats, batch)
+        if not runs:
+            continue
         stage_runs: dict[str, list[float]] = {}
-        totals = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            analysis = analyser.analyse(frame)
-            totals.append(time.perf_counter() - start)
+        for _, analysis in runs:
             for stage, seconds in analysis.timings_s.items():
                 stage_runs.setdefault(stage, []).append(seconds)
+        totals = [seconds for seconds, _ in runs]
         entry = {
             "dtype": str(frame.pixels.dtype),
             "particles": len(analysis.regions),
@@ -123,6 +158,7 @@ def run_pipeline_bench(
             entry["naive_median_s"] = statistics.median(naive_times)
             entry["speedup_vs_naive"] = entry["naive_median_s"] / entry["median_s"]
         results["sizes"][str(side)] = entry
+    results["failures"] = [f.as_dict() for f in batch.failures]
     return results
 
 

@@ -6,7 +6,7 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from latticewatch.calibration import apply_calibration, load_calibration
 from latticewatch.config import Config, FolderSourceConfig, PluginSourceConfig, ZmqSourceConfig
@@ -43,7 +43,8 @@ def build_sources(config: Config) -> list[Source]:
     for name, sc in config.sources.items():
         if isinstance(sc, FolderSourceConfig):
             sources.append(FolderSource(sc.path, name=name, polling=sc.polling, settle_s=sc.settle_s,
-                                        poll_interval_s=sc.poll_interval_s, recursive=sc.recursive, permissive=sc.permissive))
+                                        poll_interval_s=sc.poll_interval_s, recursive=sc.recursive,
+                                        permissive=sc.permissive))
         elif isinstance(sc, ZmqSourceConfig):
             sources.append(ZmqStreamSource(sc.address, name=name, socket=sc.socket, bind=sc.bind,
                                            max_pixels=sc.max_pixels, high_water_mark=sc.high_water_mark))
@@ -51,58 +52,56 @@ def build_sources(config: Config) -> list[Source]:
             plugins = plugins if plugins is not None else discover_sources()
             plugin = plugins.get(sc.kind)
             if plugin is None or plugin.factory is None:
-                raise SourceUnavailable(f"sources.{name}: source plugin {sc.kind!r} is unusable: {plugin.error if plugin else 'not installed'}")
+                why = plugin.error if plugin else "not installed"
+                raise SourceUnavailable(f"sources.{name}: source plugin {sc.kind!r} is unusable: {why}")
             source = plugin.factory({**sc.options, "name": name})
             sources.append(source)
     return sources
 
 
-def build_pipeline(config: Config, *, sinks: Sequence[Sink] = (), listeners: Sequence[Callable[[str], None]] = ()) -> Pipeline:
-    """Load the profile and the calibration, open the state directory and the archive session."""
+def build_pipeline(config: Config, *, sinks: Sequence[Sink] = ()) -> Pipeline:
+    """Load the profile and the calibration, open the state directory and the archive session.
+
+    ``sinks`` get the events (`latticewatch.sinks.events.Sink`).
+    """
     analyser = Analyser(config.profile, threads=config.runtime.threads or None)
     calibrate = None
     if config.calibration is not None:
-        calibrate = functools.partial(apply_calibration, calibration=load_calibration(config.calibration), name=config.calibration.name)
+        calibrate = functools.partial(apply_calibration, calibration=load_calibration(config.calibration),
+                                      name=config.calibration.name)
     archive = None
     if config.archive.enabled:
         a = config.archive
-        archive = open_session_writer(config.archive_root, "run", analyser.manifest.archive, policy=a.policy, margin_nm=a.margin_nm,
-                                      reduce=a.reduce, codec=a.codec, max_bytes=a.max_bytes, max_age_s=a.max_age_s,
-                                      min_free_bytes=a.min_free_bytes, retry_max_s=a.retry_max_s)
-    return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms, archive=archive,
-                    archive_queue=config.runtime.queue_size, calibrate=calibrate, listeners=listeners)
+        archive = open_session_writer(config.archive_root, "run", analyser.manifest.archive, policy=a.policy,
+                                      margin_nm=a.margin_nm, reduce=a.reduce, codec=a.codec, max_bytes=a.max_bytes,
+                                      max_age_s=a.max_age_s, min_free_bytes=a.min_free_bytes, retry_max_s=a.retry_max_s)
+    return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms,
+                    archive=archive, archive_queue=config.runtime.queue_size, calibrate=calibrate)
 
 
 def run_daemon(config: Config, stop: threading.Event, *, sinks: Sequence[Sink] = ()) -> RunStats:
-    """Run until ``stop`` is set (or every source ends); returns what was done."""
-    from latticewatch.sinks.dashboard import start_dashboard
+    """Run until ``stop`` is set (or every source ends); returns what was done.
 
+    ``sinks`` get the events besides the configured outputs (ZeroMQ events, metrics, dashboard).
+    """
     sources = build_sources(config)
-    outputs = Outputs(config)  # ZeroMQ events + metrics (a port in use: logged, run without it)
+    outputs = Outputs(config)  # a port in use: logged, run without that output
     try:
-        dashboard = start_dashboard(config)  # live page + verdict API; None when off or its port is taken
+        pipeline = build_pipeline(config, sinks=[*sinks, *outputs.sinks])
     except BaseException:
-        outputs.close()
-        raise
-    try:
-        pipeline = build_pipeline(config, sinks=[*sinks, *([dashboard] if dashboard else [])], listeners=outputs.listeners)
-    except BaseException:
-        if dashboard is not None:
-            dashboard.close()
         outputs.close()
         raise
     rt = config.runtime
-    runner = InlineRunner(pipeline) if rt.runner == "inline" else PipelinedRunner(pipeline, queue_size=rt.queue_size, max_batch=rt.max_batch)
+    runner = (InlineRunner(pipeline) if rt.runner == "inline"
+              else PipelinedRunner(pipeline, queue_size=rt.queue_size, max_batch=rt.max_batch))
     outputs.attach(pipeline, runner)
-    log.info("latticewatch daemon: profile %s, %d source(s) [%s], events in %s, archive %s", config.profile, len(sources),
-             ", ".join(s.name for s in sources), pipeline.state.events_path,
+    log.info("latticewatch daemon: profile %s, %d source(s) [%s], events in %s, archive %s", config.profile,
+             len(sources), ", ".join(s.name for s in sources), pipeline.state.events_path,
              pipeline.archive.writer.session_dir if pipeline.archive else "off")
     try:
         return runner.run(sources, stop)
     finally:
         pipeline.close()
-        if dashboard is not None:
-            dashboard.close()
         outputs.close()
 
 

@@ -138,7 +138,8 @@ class Ledger:
 
     def unpublished(self) -> list[tuple[str, str]]:
         """``(frame_id, events)`` of frames whose events are stored but not yet in the log."""
-        return self._query("SELECT frame_id, events FROM frames WHERE events IS NOT NULL AND published_at IS NULL ORDER BY seq")
+        return self._query(
+            "SELECT frame_id, events FROM frames WHERE events IS NOT NULL AND published_at IS NULL ORDER BY seq")
 
     def unarchived(self, limit: int = -1) -> list[tuple[str, str]]:
         """``(frame_id, source)`` of the archive backlog, oldest first, at most ``limit`` (-1: all)."""
@@ -158,7 +159,8 @@ class Ledger:
             row = db.execute("SELECT state FROM frames WHERE frame_id = ?", (frame_id,)).fetchone()
             if row is None:
                 db.execute(
-                    "INSERT INTO frames(frame_id, source, origin, state, spool, seen_at) VALUES (?, ?, ?, 'seen', ?, ?)",
+                    "INSERT INTO frames(frame_id, source, origin, state, spool, seen_at) "
+                    "VALUES (?, ?, ?, 'seen', ?, ?)",
                     (frame_id, source, origin, spool, time.time()),
                 )
                 return True
@@ -194,8 +196,8 @@ class Ledger:
         """The frame's events are in the log, which is now ``events_end`` bytes long."""
         with self._transaction() as db:
             db.execute(
-                "UPDATE frames SET published_at = ?, state = CASE state WHEN 'analysed' THEN 'published' ELSE state END, "
-                "spool = NULL WHERE frame_id = ?",
+                "UPDATE frames SET published_at = ?, "
+                "state = CASE state WHEN 'analysed' THEN 'published' ELSE state END, spool = NULL WHERE frame_id = ?",
                 (time.time(), frame_id),
             )
             db.execute("UPDATE meta SET value = ? WHERE key = 'events_end'", (events_end,))

@@ -28,6 +28,9 @@ When behind, the pipelined runner degrades in this order — it never drops a fr
 A bad frame sinks alone: an analyser error quarantines that frame with its reason and an error
 event. Only the ledger, event log or state directory failing stops the runner (it re-raises).
 
+The sinks (ZeroMQ publisher, metrics, dashboard) are fed by the event log
+(`latticewatch.runtime.eventlog.EventLog`): they get each frame's typed events once they are durable.
+
 The archive (optional) is fed after publication and runs on its own thread
 (`latticewatch.runtime.archiving`); the archive being slow or unavailable never stops a phase.
 """
@@ -50,9 +53,12 @@ from latticewatch.errors import FrameError
 from latticewatch.runtime.analyser import Analyser, Prepared
 from latticewatch.runtime.ledger import Ledger
 from latticewatch.runtime.store import StateDir
-from latticewatch.sinks.archive import ArchiveWriter
 from latticewatch.runtime.archiving import ArchiveSink
-from latticewatch.sinks.events import EventLog, Sink, error_event, frame_events, render
+from latticewatch.runtime.eventlog import EventLog
+from latticewatch.sinks.archive import ArchiveWriter
+from latticewatch.sinks.events import (
+    FrameEvent, ParticleEvent, RunnerInfo, Sink, error_event, frame_events, pixel_size_warning, render,
+)
 from latticewatch.sources.base import Source, StopFlag
 
 log = logging.getLogger("latticewatch.runtime.runners")
@@ -118,7 +124,7 @@ class Pipeline:
     state
         The state directory (ledger, event log, spool, quarantine).
     sinks
-        Extra consumers of finished analyses.
+        Consumers of the events (publisher, metrics, dashboard), fed by the event log once durable.
     budget_ms
         Per-frame processing budget; ``None`` counts no overruns.
     archive
@@ -128,8 +134,6 @@ class Pipeline:
         Frames waiting for the archive writer.
     calibrate
         Gives frames without a pixel size one (`latticewatch.calibration.apply_calibration`).
-    listeners
-        Live consumers of the event log's text (ZeroMQ publisher, metrics), called once it is durable.
 
     Examples
     --------
@@ -138,16 +142,16 @@ class Pipeline:
     1
     """
 
-    def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (), budget_ms: float | None = None,
-                 archive: ArchiveWriter | None = None, archive_queue: int = 4,
-                 calibrate: Callable[[Frame], Frame] | None = None, listeners: Sequence[Callable[[str], None]] = ()) -> None:
+    def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (),
+                 budget_ms: float | None = None, archive: ArchiveWriter | None = None, archive_queue: int = 4,
+                 calibrate: Callable[[Frame], Frame] | None = None) -> None:
         self.analyser = analyser
         self.state = state
-        self.ledger = Ledger(state.ledger_path)
-        self.events = EventLog(state.events_path, self.ledger, listeners=listeners)
-        self.sinks = tuple(sinks)
-        self.budget_ms = budget_ms
         self.stats = RunStats()
+        self.ledger = Ledger(state.ledger_path)
+        self.events = EventLog(state.events_path, self.ledger, sinks=sinks,
+                               on_sink_error=lambda _sink: self.stats.add(sink_errors=1))
+        self.budget_ms = budget_ms
         self.calibrate = calibrate
         self._without_pixel_size: set[str] = set()  # sources already reported
         self._said_lock = threading.Lock()
@@ -162,7 +166,10 @@ class Pipeline:
         self.ledger.close()
 
     def recover(self, sources: Sequence[Source] = ()) -> list[str]:
-        """Finish what a previous run left: publish stored events, start archiving the backlog; return spooled frames' keys."""
+        """Finish what a previous run left: publish stored events, start archiving the backlog.
+
+        Returns the keys of the frames spooled by it, to analyse.
+        """
         if self.archive is not None:
             self.archive.start({s.name: s for s in sources})
         republished = self.events.recover()
@@ -183,7 +190,7 @@ class Pipeline:
         return Job(frame, frame.frame_id.partition(":")[0], key)
 
     def _calibrated(self, frame: Frame, source: str | None = None) -> Frame:
-        """The frame with a pixel size from the calibration when its data has none; say once per source when still none."""
+        """The frame with a pixel size from the calibration when its data has none; say so once per source."""
         if self.calibrate is not None:
             frame = self.calibrate(frame)
         if frame.pixel_size_nm is not None or source is None:
@@ -192,12 +199,12 @@ class Pipeline:
             if source in self._without_pixel_size:
                 return frame
             self._without_pixel_size.add(source)
-        how = "the calibration has no entry for its magnification, or none is recorded" if self.calibrate is not None else "no calibration is configured"
+        how = ("the calibration has no entry for its magnification, or none is recorded" if self.calibrate is not None
+               else "no calibration is configured")
         problem = (f"source {source}: frames arrive without a pixel size (not in the data; {how}); "
                    "they are not resampled and sizes are reported in pixels")
         log.warning("%s (said once per source)", problem)
-        self.events.notify(render([error_event(frame.frame_id, frame.origin, problem, event_type="warning",
-                                               id_suffix="pixel-size", source=source)]))
+        self.events.notify([pixel_size_warning(frame.frame_id, frame.origin, problem, source=source)])
         return frame
 
     def admit(self, source: Source, item: Frame | Rejected) -> Job | None:
@@ -222,10 +229,10 @@ class Pipeline:
         self._quarantine(rejected.frame_id, source, rejected.origin, rejected.problem)
 
     def _quarantine(self, frame_id: str, source: str, origin: str, problem: str, *, has_pixels: bool = False) -> None:
-        text = render([error_event(frame_id, origin, problem)])
+        events = [error_event(frame_id, origin, problem)]
         archivable = has_pixels and self.archive is not None
-        self.ledger.quarantined(frame_id, problem, text, source=source, origin=origin, archivable=archivable)
-        self.events.publish(frame_id, text)
+        self.ledger.quarantined(frame_id, problem, render(events), source=source, origin=origin, archivable=archivable)
+        self.events.publish(frame_id, events)
         self.stats.add(quarantined=1)
 
     def fail(self, job: Job, problem: str) -> None:
@@ -272,39 +279,31 @@ class Pipeline:
                 self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
 
     def finish(self, job: Job) -> None:
-        """Last phase, then the ledger, the event log and the sinks."""
+        """Last phase and the frame's events, then the ledger and the event log (which feeds the sinks)."""
         try:
             analysis = self._timed(job, "finish", lambda: self.analyser.finish(job.prepared, job.probability))
+            # an analysis outside the published event schema is this frame's failure too
+            events = frame_events(job.frame, analysis, self._runner_info(job))
         except Exception as err:
             log.exception("%s: post-processing failed", job.frame.frame_id)
             self.fail(job, f"{job.frame.frame_id}: post-processing failed: {type(err).__name__}: {err}")
             return
-        self._record(job, analysis)
+        self._record(job, analysis, events)
 
-    def _record(self, job: Job, analysis: Analysis) -> None:
+    def _runner_info(self, job: Job) -> RunnerInfo:
         service_s = sum(job.phases.values())
-        overrun = self.budget_ms is not None and service_s * 1000 > self.budget_ms
-        events = frame_events(job.frame, analysis)
-        events[0]["runner"] = {
-            "phases_s": {k: round(v, 6) for k, v in job.phases.items()},
-            "latency_s": round(time.monotonic() - job.arrived, 6),
-            "budget_ms": self.budget_ms,
-            "overrun": overrun,
-        }
-        text = render(events)
-        self.ledger.analysed(job.frame.frame_id, text, archivable=self.archive is not None)
-        self._timed(job, "publish", lambda: self.events.publish(job.frame.frame_id, text))
+        return RunnerInfo(phases_s={k: round(v, 6) for k, v in job.phases.items()},
+                          latency_s=round(time.monotonic() - job.arrived, 6), budget_ms=self.budget_ms,
+                          overrun=self.budget_ms is not None and service_s * 1000 > self.budget_ms)
+
+    def _record(self, job: Job, analysis: Analysis, events: list[FrameEvent | ParticleEvent]) -> None:
+        self.ledger.analysed(job.frame.frame_id, render(events), archivable=self.archive is not None)
+        self._timed(job, "publish", lambda: self.events.publish(job.frame.frame_id, events))
         if self.archive is not None:
             self.archive.offer(job.frame, analysis)  # it unspools a stream frame once archived
         elif job.spool is not None:
             self.state.unspool(job.spool)
-        self.stats.add(analysed=1, overruns=int(overrun))
-        for sink in self.sinks:
-            try:
-                sink.consume(job.frame, analysis)
-            except Exception:  # sinks never stop the pipeline
-                self.stats.add(sink_errors=1)
-                log.exception("sink %s failed on %s", getattr(sink, "name", sink), job.frame.frame_id)
+        self.stats.add(analysed=1, overruns=int(events[0].runner.overrun))
 
     def process(self, job: Job) -> None:
         """All phases of one frame, in this thread."""

@@ -3,7 +3,7 @@
 ::
 
     <state>/ledger.sqlite      frame progress (see `latticewatch.runtime.ledger`)
-    <state>/events.jsonl       the durable event log (see `latticewatch.sinks.events`)
+    <state>/events.jsonl       the durable event log (see `latticewatch.runtime.eventlog`)
     <state>/spool/             frames of non-replayable sources (streams) waiting to be analysed:
                                <key>.npy (pixels) + <key>.json (id, pixel size, time, meta, origin)
     <state>/quarantine/        what could not be analysed and exists nowhere else:
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from latticewatch.io.atomic import write_atomic
+from latticewatch.io.jsonio import parse_timestamp
 from latticewatch.frame import Frame, file_safe
 
 log = logging.getLogger("latticewatch.runtime.store")
@@ -87,7 +88,7 @@ class StateDir:
     def load_spooled(self, key: str) -> Frame:
         record = json.loads((self.spool_dir / f"{key}.json").read_text())
         pixels = np.load(self.spool_dir / f"{key}.npy", allow_pickle=False)
-        acquired = datetime.fromisoformat(record["acquired_at"]) if record["acquired_at"] else None
+        acquired = parse_timestamp(record["acquired_at"]) if record["acquired_at"] else None
         return Frame(record["frame_id"], pixels, record["pixel_size_nm"], acquired, record["meta"], record["origin"])
 
     def load_kept(self, frame_id: str) -> Frame | None:

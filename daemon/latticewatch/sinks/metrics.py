@@ -1,9 +1,9 @@
 """Prometheus metrics of the daemon, fed by the durable event log and a few live probes.
 
 Counters, histograms and per-frame gauges are updated from the events as they are appended to
-``events.jsonl`` (the runner already measured every phase and put it in the frame event: metrics
-are middleware, never stage code). Queue depths, the archive's bytes and the publisher's drops
-are read when Prometheus scrapes (a collector calling ``probe``). Every object takes
+``events.jsonl`` (`Metrics` is a sink of the log; the runner already measured every phase and put
+it in the frame event: metrics are middleware, never stage code). Queue depths, the archive's bytes
+and the publisher's drops are read when Prometheus scrapes (a collector calling ``probe``). Every object takes
 ``registry=``, so tests use a fresh `prometheus_client.CollectorRegistry` each.
 
 Names follow Prometheus conventions (base units, ``_total`` counters, histograms for latency);
@@ -13,17 +13,18 @@ sizes of particles are in nanometres (``_nm``), the unit of the rest of latticew
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-log = logging.getLogger("latticewatch.sinks.metrics")
+from latticewatch.sinks.events import ErrorEvent, Event, FrameEvent, ParticleEvent, WarningEvent
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -77,22 +78,26 @@ class _Probe:
         yield queues
         a = p.get("archive")
         if a is not None:
-            for name, key, doc in (("latticewatch_archive_frames", "frames_written", "Frames written to the archive"),
-                                   ("latticewatch_archive_raw_bytes", "raw_bytes", "Raw bytes (shape × itemsize) of archived frames"),
-                                   ("latticewatch_archive_stored_bytes", "stored_bytes", "Bytes the archive wrote for them"),
-                                   ("latticewatch_archive_failures", "failures", "Archive writes that failed (disk full, permissions …)")):
+            for name, key, doc in (
+                ("latticewatch_archive_frames", "frames_written", "Frames written to the archive"),
+                ("latticewatch_archive_raw_bytes", "raw_bytes", "Raw bytes (shape × itemsize) of archived frames"),
+                ("latticewatch_archive_stored_bytes", "stored_bytes", "Bytes the archive wrote for them"),
+                ("latticewatch_archive_failures", "failures", "Archive writes that failed (disk full, permissions …)"),
+            ):
                 yield CounterMetricFamily(name, doc, value=a.get(key, 0))
             ratio = a["raw_bytes"] / a["stored_bytes"] if a.get("stored_bytes") else math.nan
-            yield GaugeMetricFamily("latticewatch_archive_compression_ratio", "Raw over stored bytes of this run's archive", value=ratio)
+            yield GaugeMetricFamily("latticewatch_archive_compression_ratio",
+                                    "Raw over stored bytes of this run's archive", value=ratio)
         e = p.get("events")
         if e is not None:
-            yield CounterMetricFamily("latticewatch_events_sent", "Messages sent on the ZeroMQ PUB socket", value=e.get("sent", 0))
-            yield CounterMetricFamily("latticewatch_events_dropped", "Messages dropped at a subscriber's high-water mark",
-                                      value=e.get("dropped", 0))
+            yield CounterMetricFamily("latticewatch_events_sent", "Messages sent on the ZeroMQ PUB socket",
+                                      value=e.get("sent", 0))
+            yield CounterMetricFamily("latticewatch_events_dropped",
+                                      "Messages dropped at a subscriber's high-water mark", value=e.get("dropped", 0))
 
 
 class Metrics:
-    """The daemon's metrics, updated from event-log text (`on_events`).
+    """The daemon's metrics, updated from the events of the durable log (`consume`).
 
     Parameters
     ----------
@@ -107,18 +112,19 @@ class Metrics:
 
     Examples
     --------
-    >>> from prometheus_client import generate_latest
+    >>> from latticewatch.sinks.events import error_event
     >>> m = Metrics(registry=CollectorRegistry())
-    >>> m.on_events('{"event_id":"cam:s#0/frame","type":"frame","frame_id":"cam:s#0","class_counts":'
-    ...             '{"stacking_fault":1,"no_stacking_fault":3},"defect_fraction":0.25,"timings_s":{"segment":0.1}}\\n')
-    >>> m.registry.get_sample_value("latticewatch_defect_fraction_rolling")
-    0.25
-    >>> m.registry.get_sample_value("latticewatch_frames_total", {"source": "cam", "outcome": "analysed"})
+    >>> m.consume([error_event("cam:s#0", "", "header is not JSON")])
+    >>> m.registry.get_sample_value("latticewatch_frames_total", {"source": "cam", "outcome": "quarantined"})
     1.0
+    >>> m.registry.get_sample_value("latticewatch_defect_fraction_rolling")
+    nan
     """
 
-    def __init__(self, *, registry: CollectorRegistry | None = None, rolling_frames: int = 100, build: dict[str, str] | None = None,
-                 probe: Callable[[], dict[str, Any]] | None = None) -> None:
+    name = "metrics"
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, rolling_frames: int = 100,
+                 build: dict[str, str] | None = None, probe: Callable[[], dict[str, Any]] | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
         self.build = Info("latticewatch_build", "latticewatch version and the loaded profile", registry=r)
         self.build.info(build or {})
@@ -128,19 +134,26 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("latticewatch_stage_seconds", "Seconds per analysis stage, per frame", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)
-        self.phase = Histogram("latticewatch_phase_seconds", "Seconds per runner phase (prepare, segment, finish, publish), per frame",
+        self.phase = Histogram("latticewatch_phase_seconds",
+                               "Seconds per runner phase (prepare, segment, finish, publish), per frame",
                                ["phase"], buckets=STAGE_BUCKETS, registry=r)
         self.particles = Counter("latticewatch_particles", "Particles by class", ["class"], registry=r)
-        self.diameter = Histogram("latticewatch_particle_diameter_nm", "Equivalent diameter of particles (nm), by class",
+        self.diameter = Histogram("latticewatch_particle_diameter_nm",
+                                  "Equivalent diameter of particles (nm), by class",
                                   ["class"], buckets=DIAMETER_BUCKETS_NM, registry=r)
         self.defect = Gauge("latticewatch_defect_fraction",
-                            "Stacking faults among zone-axis particles of the last frame (NaN: none on zone axis)", registry=r)
+                            "Stacking faults among zone-axis particles of the last frame (NaN: none on zone axis)",
+                            registry=r)
         self.defect_rolling = Gauge("latticewatch_defect_fraction_rolling",
-                                    f"Stacking faults among zone-axis particles of the last {rolling_frames} frames", registry=r)
+                                    f"Stacking faults among zone-axis particles of the last {rolling_frames} frames",
+                                    registry=r)
         self.frame_particles = Gauge("latticewatch_frame_particles", "Particles in the last frame", registry=r)
-        self.coverage = Gauge("latticewatch_frame_coverage_ratio", "Fraction of the last frame segmented as particle", registry=r)
-        self.overruns = Counter("latticewatch_budget_overruns", "Frames whose phases exceeded the per-frame budget", registry=r)
-        self.quarantined = Counter("latticewatch_quarantined_frames", "Frames quarantined (could not be analysed)", registry=r)
+        self.coverage = Gauge("latticewatch_frame_coverage_ratio", "Fraction of the last frame segmented as particle",
+                              registry=r)
+        self.overruns = Counter("latticewatch_budget_overruns", "Frames whose phases exceeded the per-frame budget",
+                                registry=r)
+        self.quarantined = Counter("latticewatch_quarantined_frames", "Frames quarantined (could not be analysed)",
+                                   registry=r)
         self.errors = Counter("latticewatch_errors", "Error and warning events by kind", ["kind"], registry=r)
         self.defect.set(math.nan)
         self.defect_rolling.set(math.nan)
@@ -149,44 +162,36 @@ class Metrics:
         if probe is not None:
             r.register(_Probe(probe))
 
-    def on_events(self, text: str) -> None:
-        """Count the events of one append to the event log (JSON lines)."""
-        for line in text.splitlines():
-            if line:
-                self.observe(json.loads(line))
+    def consume(self, events: Sequence[Event]) -> None:
+        """Count the events of one append to the event log."""
+        for event in events:
+            if isinstance(event, FrameEvent):
+                self._frame(event)
+            elif isinstance(event, ParticleEvent):
+                label = event.label or "unclassified"
+                self.particles.labels(label).inc()
+                if event.equivalent_diameter_nm is not None:
+                    self.diameter.labels(label).observe(event.equivalent_diameter_nm)
+            elif isinstance(event, (ErrorEvent, WarningEvent)):
+                suffix = event.event_id.rpartition("/")[2]
+                self.errors.labels(suffix or event.type).inc()
+                if isinstance(event, ErrorEvent) and suffix == "error":  # the frame itself failed (not archive trouble)
+                    self.frames.labels(_source(event), "quarantined").inc()
+                    self.quarantined.inc()
 
-    def observe(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "frame":
-            self._frame(event)
-        elif kind == "particle":
-            label = event.get("label") or "unclassified"
-            self.particles.labels(label).inc()
-            if event.get("equivalent_diameter_nm") is not None:
-                self.diameter.labels(label).observe(event["equivalent_diameter_nm"])
-        elif kind in ("error", "warning"):
-            suffix = event.get("event_id", "").rpartition("/")[2]
-            self.errors.labels(suffix or kind).inc()
-            if kind == "error" and suffix == "error":  # the frame itself failed (not archive trouble)
-                self.frames.labels(_source(event), "quarantined").inc()
-                self.quarantined.inc()
-
-    def _frame(self, e: dict[str, Any]) -> None:
+    def _frame(self, e: FrameEvent) -> None:
         self.frames.labels(_source(e), "analysed").inc()
-        for stage, seconds in (e.get("timings_s") or {}).items():
+        for stage, seconds in e.timings_s.items():
             self.stage.labels(stage).observe(seconds)
-        runner = e.get("runner") or {}
-        for phase, seconds in (runner.get("phases_s") or {}).items():
+        for phase, seconds in e.runner.phases_s.items():
             self.phase.labels(phase).observe(seconds)
-        if runner.get("latency_s") is not None:
-            self.latency.observe(runner["latency_s"])
-        if runner.get("overrun"):
+        self.latency.observe(e.runner.latency_s)
+        if e.runner.overrun:
             self.overruns.inc()
-        self.frame_particles.set(e.get("particles", 0))
-        self.coverage.set(e.get("coverage", 0.0))
-        fraction = e.get("defect_fraction")
-        self.defect.set(math.nan if fraction is None else fraction)
-        counts = e.get("class_counts") or {}
+        self.frame_particles.set(e.particles)
+        self.coverage.set(e.coverage)
+        self.defect.set(math.nan if e.defect_fraction is None else e.defect_fraction)
+        counts = e.class_counts
         faults, clean = counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0)
         with self._lock:
             self._window.append((faults, faults + clean))
@@ -195,8 +200,8 @@ class Metrics:
         self.defect_rolling.set(rolling)
 
 
-def _source(event: dict[str, Any]) -> str:
-    return str(event.get("frame_id", "")).partition(":")[0] or "unknown"
+def _source(event: FrameEvent | ErrorEvent) -> str:
+    return event.frame_id.partition(":")[0] or "unknown"
 
 
 class MetricsServer:

@@ -1,8 +1,8 @@
 """ZeroMQ PUB of the daemon's events: multipart ``[topic, JSON]``, never blocking the pipeline.
 
-The publisher listens to the durable event log (`latticewatch.sinks.events.EventLog`): each event
-is sent exactly as it was appended to ``events.jsonl`` (same bytes, same deterministic id), once
-it is durable. Topics:
+The publisher is a sink of the durable event log (`latticewatch.runtime.eventlog.EventLog`): each
+event is sent exactly as it was appended to ``events.jsonl`` (same bytes, same deterministic id),
+once it is durable. Topics:
 
 =========================  =====================================================================
 ``latticewatch.frame``     one per analysed frame
@@ -24,26 +24,23 @@ dropped for all its subscribers. Every event is in the durable log: ``latticewat
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import zmq
 
-from latticewatch.sinks.events import is_defect
+from latticewatch.sinks.events import Event, PublisherCounters, StatusEvent, now, topics
 
-log = logging.getLogger("latticewatch.sinks.publisher")
+log = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "latticewatch."
-#: The version of the event schemas (``latticewatch/schemas/<type>.v1.json``) the events follow.
-SCHEMA_VERSION = 1
 
 
 class EventPublisher:
-    """A bound PUB socket fed by the event log, plus a periodic status event.
+    """A bound PUB socket fed by the event log (a `latticewatch.sinks.events.Sink`), plus a periodic status event.
 
     Parameters
     ----------
@@ -54,16 +51,19 @@ class EventPublisher:
     status_interval_s
         Seconds between status events; ``0`` sends none.
     status
-        Called for the status event's fields (fps, backlog, overruns …).
+        Called for the status event's fields (fps, backlog, overruns …; see `StatusEvent`).
 
     Examples
     --------
+    >>> from latticewatch.sinks.events import error_event
     >>> pub = EventPublisher("tcp://127.0.0.1:0")
-    >>> pub.on_events('{"event_id":"a/frame","type":"frame"}\\n')
+    >>> pub.consume([error_event("cam:7", "", "header is not JSON")])
     >>> pub.counters["sent"] + pub.counters["dropped"]
     1
     >>> pub.close()
     """
+
+    name = "publisher"
 
     def __init__(self, address: str, *, high_water_mark: int = 1000, status_interval_s: float = 5.0,
                  status: Callable[[], dict[str, Any]] | None = None, context: zmq.Context | None = None) -> None:
@@ -88,27 +88,21 @@ class EventPublisher:
             self._thread = threading.Thread(target=self._status_loop, name="latticewatch-status", daemon=True)
             self._thread.start()
 
-    def on_events(self, text: str) -> None:
-        """Send the events of one append to the log (JSON lines), each on its topic."""
-        for line in text.splitlines():
-            if not line:
-                continue
-            event = json.loads(line)
-            payload = line.encode()
-            self._send(event.get("type", "unknown"), payload)
-            if is_defect(event):
-                self._send("defect", payload)
+    def consume(self, events: Sequence[Event]) -> None:
+        """Send the events of one append to the log, each on its topics, as the line logged."""
+        for event in events:
+            payload = event.rendered().encode()
+            for topic in topics(event):
+                self._send(topic, payload)
 
-    def send_status(self) -> dict[str, Any]:
+    def send_status(self) -> StatusEvent:
         """Send one status event now; returns it."""
         self._seq += 1
-        event = {"event_id": f"status/{self._run_id}/{self._seq}", "type": "status",
-                 "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "schema_version": SCHEMA_VERSION}
-        if self._status is not None:
-            event.update(self._status())
+        fields = self._status() if self._status is not None else {}
         with self._lock:
-            event["publisher"] = dict(self.counters)
-        self._send("status", json.dumps(event, separators=(",", ":")).encode())
+            counters = PublisherCounters(**self.counters)
+        event = StatusEvent(event_id=f"status/{self._run_id}/{self._seq}", at=now(), **fields, publisher=counters)
+        self._send("status", event.rendered().encode())
         self.counters["status"] += 1
         return event
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from latticewatch.io.atomic import write_atomic
 from latticewatch.frame import CLASSES, Analysis, Frame
+from latticewatch.io.atomic import write_atomic
+from latticewatch.io.jsonio import dumps
 from latticewatch.stages.features import FEATURE_NAMES
 
 #: Outline colour per class (colour-blind-safe Okabe–Ito palette).
@@ -36,16 +35,6 @@ CSV_COLUMNS = (
     + [f"p_{c}" for c in CLASSES]
     + list(FEATURE_NAMES)
 )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
@@ -70,6 +59,16 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
 
 
 def frame_report(frame: Frame, analysis: Analysis) -> dict[str, Any]:
+    """The per-frame JSON of ``process``: the `summary`, the frame's provenance, timings and every region.
+
+    The daemon's ``frame`` event is this without ``regions`` (one ``particle`` event each).
+
+    Examples
+    --------
+    >>> report = frame_report(frame, analysis)  # doctest: +SKIP
+    >>> report["frame_id"], len(report["regions"]) == report["particles"]  # doctest: +SKIP
+    ('incoming:stack.mrc#0', True)
+    """
     return {
         **summary(frame, analysis),
         "origin": frame.origin,
@@ -137,7 +136,7 @@ def write_reports(frame: Frame, analysis: Analysis, out_dir: Path, *, save_proba
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / frame.name
     paths = [base.with_suffix(".json"), out_dir / f"{frame.name}_particles.csv", out_dir / f"{frame.name}_overlay.png"]
-    report = json.dumps(frame_report(frame, analysis), indent=2, default=_json_default).encode()
+    report = dumps(frame_report(frame, analysis), indent=2).encode()
     write_atomic(paths[0], report)
 
     def write_csv(fh):

@@ -26,8 +26,8 @@ Plugins
 A plugin adds a source kind through the ``latticewatch.sources`` entry point group; the entry
 point resolves to a factory ``(options: dict) -> Source`` where ``options`` is the source's table
 from the config file minus its ``kind`` key, plus ``name`` (the table's name, which the source
-must use as its `name`). The factory raises `ValueError` naming the key for bad options. A plugin that fails to import is reported by
-`discover_sources` and does not break the other kinds.
+must use as its `name`). The factory raises `ValueError` naming the key for bad options. A plugin
+that fails to import is reported by `discover_sources` and does not break the other kinds.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from latticewatch.frame import Frame, Rejected
-from latticewatch.sources.base import SkipFn, StopFlag
 from latticewatch.io.mdoc import Mdoc, parse_mdoc, section_info
 from latticewatch.io.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
+from latticewatch.sources.base import SkipFn, StopFlag
 
 log = logging.getLogger("latticewatch.sources.folder")
 
@@ -115,6 +115,17 @@ class _Tracked:
     failed_at: tuple[int, int] | None = None  # signature at which reading failed; retried if it changes
     stalled: bool = False  # incomplete section reported (once)
     io_errors: int = 0
+
+    @classmethod
+    def found(cls, path: Path, rel: str) -> _Tracked:
+        """A file seen for the first time: MRC rules by suffix, mdoc rules if it has an mdoc now."""
+        tracked = cls(path, rel, path.suffix.lower() in MRC_SUFFIXES)
+        tracked.has_mdoc = tracked.mdoc_path.exists()
+        return tracked
+
+    @property
+    def mdoc_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".mdoc")
 
 
 @dataclass(frozen=True)
@@ -228,8 +239,7 @@ class FolderSource:
         tracked = self._files.get(path)
         if tracked is None:
             rel = path.relative_to(self.root).as_posix()
-            tracked = self._files[path] = _Tracked(path, rel, path.suffix.lower() in MRC_SUFFIXES)
-            tracked.has_mdoc = path.with_name(path.name + ".mdoc").exists()
+            tracked = self._files[path] = _Tracked.found(path, rel)
         return tracked
 
     def _catch_up(self) -> set[Path]:
@@ -304,7 +314,7 @@ class FolderSource:
         path = self.root / rel
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no longer there")
-        f = _Tracked(path, rel, path.suffix.lower() in MRC_SUFFIXES, has_mdoc=path.with_name(path.name + ".mdoc").exists())
+        f = _Tracked.found(path, rel)
         k = int(section or 0)
         sections = read_frames(path, permissive=self.permissive, start=k)
         try:
@@ -322,7 +332,7 @@ class FolderSource:
                 return False
             f.failed_at = None  # the file changed since it failed: try again
         if f.has_mdoc:
-            f.mdoc.observe(f.path.with_name(f.path.name + ".mdoc"), now)
+            f.mdoc.observe(f.mdoc_path, now)
         try:
             if f.is_mrc:
                 return (yield from self._poll_stack(f, now, skip))
@@ -351,7 +361,9 @@ class FolderSource:
             meta["mdoc"] = info.meta
             pixel_size = info.pixel_size_nm or pixel_size  # SerialEM's calibration beats the header
             acquired = info.acquired_at or acquired
-        return dataclasses.replace(frame, frame_id=frame_id, meta=meta, pixel_size_nm=pixel_size, acquired_at=acquired, origin=str(f.path))
+        return dataclasses.replace(
+            frame, frame_id=frame_id, meta=meta, pixel_size_nm=pixel_size, acquired_at=acquired, origin=str(f.path)
+        )
 
     def _poll_single(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
         if f.done:
@@ -381,7 +393,7 @@ class FolderSource:
         if not f.has_mdoc:
             return None
         try:
-            return parse_mdoc(f.path.with_name(f.path.name + ".mdoc").read_text(encoding="utf-8", errors="replace"))
+            return parse_mdoc(f.mdoc_path.read_text(encoding="utf-8", errors="replace"))
         except FileNotFoundError:
             return None  # SerialEM is between renaming the old mdoc and writing the new one
 

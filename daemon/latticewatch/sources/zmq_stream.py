@@ -40,10 +40,11 @@ from typing import Any, Literal
 import numpy as np
 import zmq
 
-from latticewatch.frame import Frame, Rejected
-from latticewatch.sources.base import SkipFn, StopFlag
-from latticewatch.io.readers import DEFAULT_MAX_PIXELS, MIN_SIDE_PX
 from latticewatch.errors import InputError
+from latticewatch.frame import MIN_SIDE_PX, Frame, Rejected
+from latticewatch.io.jsonio import parse_timestamp
+from latticewatch.io.readers import DEFAULT_MAX_PIXELS
+from latticewatch.sources.base import SkipFn, StopFlag
 
 log = logging.getLogger("latticewatch.sources.zmq_stream")
 
@@ -139,14 +140,15 @@ def decode_frame(header: dict[str, Any], data: bytes, *, frame_id: str, origin: 
     if order not in BYTEORDERS:
         raise MessageError(f"unknown byteorder {order!r}; allowed: < > |")
     dtype = np.dtype(dtype_name).newbyteorder(order if order != "|" else "=")
-    if len(data) != rows * cols * dtype.itemsize:
-        raise MessageError(f"pixel buffer has {len(data)} bytes; shape {rows}×{cols} {dtype_name} needs {rows * cols * dtype.itemsize}")
+    needed = rows * cols * dtype.itemsize
+    if len(data) != needed:
+        raise MessageError(f"pixel buffer has {len(data)} bytes; shape {rows}×{cols} {dtype_name} needs {needed}")
     pixel_size = header.get("pixel_size_nm")
     if pixel_size is not None and not (isinstance(pixel_size, (int, float)) and pixel_size > 0):
         raise MessageError(f"'pixel_size_nm' must be a positive number or null, got {pixel_size!r}")
     acquired = header.get("acquired_at")
     try:
-        acquired = datetime.fromisoformat(acquired) if acquired is not None else None
+        acquired = parse_timestamp(acquired) if acquired is not None else None
     except (TypeError, ValueError):
         raise MessageError(f"'acquired_at' is not ISO 8601: {acquired!r}") from None
     meta = header.get("meta") or {}
@@ -154,7 +156,8 @@ def decode_frame(header: dict[str, Any], data: bytes, *, frame_id: str, origin: 
         raise MessageError("'meta' must be a JSON object")
     pixels = np.frombuffer(data, dtype).reshape(rows, cols).astype(dtype.newbyteorder("="), copy=True)
     stream = {"series": header["series"], "frame": header["frame"]}
-    return Frame(frame_id, pixels, float(pixel_size) if pixel_size else None, acquired, {**meta, "stream": stream}, origin)
+    pixel_size_nm = float(pixel_size) if pixel_size else None
+    return Frame(frame_id, pixels, pixel_size_nm, acquired, {**meta, "stream": stream}, origin)
 
 
 def pack_parts(parts: Sequence[bytes]) -> bytes:
@@ -248,7 +251,8 @@ class ZmqStreamSource:
         if len(parts) != 2:
             raise MessageError(f"frame message has {len(parts)} parts; expected 2 (header, pixels)")
         number = header["frame"]
-        frame = decode_frame(header, parts[1], frame_id=f"{self.name}:{series}#{number}", origin=origin, max_pixels=self.max_pixels)
+        frame_id = f"{self.name}:{series}#{number}"
+        frame = decode_frame(header, parts[1], frame_id=frame_id, origin=origin, max_pixels=self.max_pixels)
         self._count_gap(series, number)
         self.counters["frames"] += 1
         return frame
@@ -259,7 +263,8 @@ class ZmqStreamSource:
         if number > expected:
             missing = number - expected
             self.counters["gaps"] += missing
-            log.warning("%s: series %s: %d frame(s) missing before %s", self.name, series, missing, "its end" if end else f"frame {number}")
+            before = "its end" if end else f"frame {number}"
+            log.warning("%s: series %s: %d frame(s) missing before %s", self.name, series, missing, before)
         elif number < expected and not end:
             self.counters["out_of_order"] += 1
             log.warning("%s: series %s: frame %d arrived after frame %d", self.name, series, number, expected - 1)

@@ -47,7 +47,7 @@ def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_n
     [(64, 64), (64, 64)]
     """
     if src.startswith("synthetic:"):
-        from latticewatch.testing.synthetic import generate_frame
+        from latticewatch.testing.synthetic.frames import generate_frame
 
         count = int(src.partition(":")[2])
         rng = np.random.default_rng(seed)

@@ -1,8 +1,10 @@
-"""Pure array code of the archive: margin dilation, run-length coding, reduce and restore.
+"""Pure array code of the archive: reduce a frame to the arrays it stores, and restore it.
 
 Nothing here touches files. :func:`reduce_frame` turns one frame (pixels + class mask) into a
 :class:`ReducedFrame` — a handful of 1-D arrays — and :func:`restore_pixels` turns it back. The
-HDF5 layout that stores those arrays lives in :mod:`latticewatch.sinks.archive`.
+HDF5 layout that stores those arrays lives in :mod:`latticewatch.sinks.archive.layout`; the
+run-length coding and margin dilation it builds on in :mod:`~latticewatch.sinks.archive.runs`,
+the packing of codes into bytes in :mod:`~latticewatch.sinks.archive.bitpack`.
 
 Conventions (shared with the on-disk layout):
 
@@ -17,27 +19,15 @@ Conventions (shared with the on-disk layout):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "Policy",
-    "ReducedFrame",
-    "dilate_square",
-    "margin_to_pixels",
-    "reduce_frame",
-    "restore_mask",
-    "restore_pixels",
-    "run_lengths",
-    "runs_to_bool",
-]
+from latticewatch.sinks.archive.bitpack import container_bits, pack_codes
+from latticewatch.sinks.archive.runs import change_points, dilate_square, length_dtype, rle, run_lengths, runs_to_bool
 
-#: Above this many pixels run lengths need 64 bits.
-_U32_LIMIT = 2**32 - 1
-
+__all__ = ["Policy", "ReducedFrame", "margin_to_pixels", "reduce_frame", "restore_mask", "restore_pixels"]
 
 # --------------------------------------------------------------------------------------- policy
 
@@ -114,152 +104,6 @@ def margin_to_pixels(margin_nm: float, pixel_size_nm: float | None) -> tuple[int
         raise ValueError(f"pixel size must be > 0 nm, got {pixel_size_nm}")
     # round() first: 0.5 / 0.02 is 25.000000000000004 and must not become 26
     return math.ceil(round(margin_nm / pixel_size_nm, 9)), "nm"
-
-
-# ------------------------------------------------------------------------------------ dilation
-
-
-def _shift_toward_low(x: np.ndarray, s: int) -> np.ndarray:
-    """``y[c] = x[c + s]`` along the columns of a little-endian bit-packed uint64 array."""
-    q, b = divmod(s, 64)
-    y = np.zeros_like(x)
-    n = x.shape[1] - q
-    if n <= 0:
-        return y
-    if b == 0:
-        y[:, :n] = x[:, q:]
-    else:
-        y[:, :n] = x[:, q:] >> np.uint64(b)
-        y[:, : n - 1] |= x[:, q + 1 :] << np.uint64(64 - b)
-    return y
-
-
-def _shift_toward_high(x: np.ndarray, s: int) -> np.ndarray:
-    """``y[c] = x[c - s]`` along the columns of a little-endian bit-packed uint64 array."""
-    q, b = divmod(s, 64)
-    y = np.zeros_like(x)
-    n = x.shape[1] - q
-    if n <= 0:
-        return y
-    if b == 0:
-        y[:, q:] = x[:, :n]
-    else:
-        y[:, q:] = x[:, :n] << np.uint64(b)
-        y[:, q + 1 :] |= x[:, : n - 1] >> np.uint64(64 - b)
-    return y
-
-
-def _rows_toward_low(x: np.ndarray, s: int) -> np.ndarray:
-    y = np.zeros_like(x)
-    if s < x.shape[0]:
-        y[: x.shape[0] - s] = x[s:]
-    return y
-
-
-def _rows_toward_high(x: np.ndarray, s: int) -> np.ndarray:
-    y = np.zeros_like(x)
-    if s < x.shape[0]:
-        y[s:] = x[: x.shape[0] - s]
-    return y
-
-
-def _window_or(x: np.ndarray, radius: int, shift) -> np.ndarray:
-    """OR of ``x`` over a one-sided window of ``radius + 1`` in O(log radius) passes."""
-    out = x.copy()
-    covered = 1
-    while covered < radius + 1:
-        step = min(covered, radius + 1 - covered)
-        out |= shift(out, step)
-        covered += step
-    return out
-
-
-def dilate_square(a: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a (2·radius+1)² square, zero outside the frame.
-
-    The square (not a disc) is deliberate: it contains the disc of the same radius, so every
-    pixel within ``radius`` of a set pixel is set — the margin is never short — and it is
-    separable, which lets us work on bit-packed rows (64 columns per machine word) and reach
-    ~10 ms at 4096² instead of the ~300 ms of ``scipy.ndimage.maximum_filter``.
-
-    Examples
-    --------
-    >>> a = np.zeros((5, 5), bool); a[2, 2] = True
-    >>> int(dilate_square(a, 1).sum())
-    9
-    """
-    a = np.asarray(a, dtype=bool)
-    if radius <= 0 or a.size == 0:
-        return a.copy()
-    rows, cols = a.shape
-    words = -(-cols // 64)
-    packed = np.zeros((rows, words * 8), np.uint8)
-    packed[:, : -(-cols // 8)] = np.packbits(a, axis=1, bitorder="little")
-    x = packed.view("<u8")
-    # Forward and backward one-sided windows instead of one centred one: zeros enter at both
-    # edges, so the frame border needs no padding.
-    x = _window_or(x, radius, _shift_toward_low) | _window_or(x, radius, _shift_toward_high)
-    x = _window_or(x, radius, _rows_toward_low) | _window_or(x, radius, _rows_toward_high)
-    return np.unpackbits(x.view(np.uint8), axis=1, count=cols, bitorder="little").view(bool)
-
-
-# ---------------------------------------------------------------------------------------- runs
-
-
-def _length_dtype(n: int) -> np.dtype:
-    return np.dtype(np.uint32) if n <= _U32_LIMIT else np.dtype(np.uint64)
-
-
-def _change_points(flat: np.ndarray) -> np.ndarray:
-    """Indices where a new run starts (excluding 0)."""
-    # ``!=`` on neighbours is ~8x faster than np.diff on uint8 and cannot wrap around.
-    return np.flatnonzero(flat[1:] != flat[:-1]) + 1
-
-
-def run_lengths(flat: np.ndarray, changes: np.ndarray | None = None) -> np.ndarray:
-    """Alternating run lengths of a 1-D boolean array, starting with a (possibly empty) False run.
-
-    Examples
-    --------
-    >>> run_lengths(np.array([True, True, False, True]))
-    array([0, 2, 1, 1], dtype=uint32)
-    """
-    flat = np.asarray(flat, dtype=bool).ravel()
-    n = flat.size
-    if changes is None:
-        changes = _change_points(flat)
-    bounds = np.concatenate(([0], changes, [n]))
-    lengths = np.diff(bounds).astype(_length_dtype(n))
-    if n and flat[0]:
-        lengths = np.concatenate((np.zeros(1, lengths.dtype), lengths))
-    return lengths
-
-
-def runs_to_bool(lengths: np.ndarray, n: int | None = None) -> np.ndarray:
-    """Inverse of :func:`run_lengths`.
-
-    Examples
-    --------
-    >>> runs_to_bool(np.array([0, 2, 1, 1]))
-    array([ True,  True, False,  True])
-    """
-    lengths = np.asarray(lengths)
-    values = np.zeros(lengths.size, bool)
-    values[1::2] = True
-    out = np.repeat(values, lengths.astype(np.intp, copy=False))
-    if n is not None and out.size != n:
-        raise ValueError(f"runs cover {out.size} pixels, expected {n}")
-    return out
-
-
-def _rle(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Classic run-length code of a 1-D array: (value of each run, length of each run)."""
-    n = flat.size
-    if n == 0:
-        return flat[:0].copy(), np.zeros(0, _length_dtype(0))
-    starts = np.concatenate(([0], _change_points(flat)))
-    lengths = np.diff(np.append(starts, n)).astype(_length_dtype(n))
-    return flat[starts], lengths
 
 
 # ------------------------------------------------------------------------------- reduced frame
@@ -395,7 +239,7 @@ def reduce_frame(
             if mask.size and (mask.min() < 0 or mask.max() > 255):
                 raise ValueError("class mask values must fit in uint8")
             mask = mask.astype(np.uint8)
-        mask_values, mask_lengths = _rle(np.ascontiguousarray(mask).ravel())
+        mask_values, mask_lengths = rle(np.ascontiguousarray(mask).ravel())
 
     if dtype.kind not in "iuf" and not lossless:
         lossless, lossless_reason = True, f"dtype {dtype} is not reducible"
@@ -413,7 +257,7 @@ def reduce_frame(
     )
     if lossless:
         return ReducedFrame(
-            exact_runs=np.array([0, n], _length_dtype(n)),
+            exact_runs=np.array([0, n], length_dtype(n)),
             exact_pixels=flat,
             lossless=True,
             lossless_reason=lossless_reason or "lossless",
@@ -423,7 +267,7 @@ def reduce_frame(
     high = mask != low_value_class
     keep = dilate_square(high, margin_px) if margin_px > 0 else high
     keep_flat = keep.ravel()
-    changes = _change_points(keep_flat)
+    changes = change_points(keep_flat)
     exact_runs = run_lengths(keep_flat, changes)
     exact_pixels = flat[keep_flat]
     low_values = low_lengths = None
@@ -476,7 +320,7 @@ def _mean_runs(
         means = np.clip(np.rint(means), float(info.min), high)
     with np.errstate(over="ignore", invalid="ignore"):
         values = means.astype(dtype)
-    return values, lengths.astype(_length_dtype(n))
+    return values, lengths.astype(length_dtype(n))
 
 
 def _quantize(low: np.ndarray, bits: int, encoding: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
@@ -518,98 +362,16 @@ def _quantize(low: np.ndarray, bits: int, encoding: str) -> tuple[np.ndarray, np
         codes = np.clip(np.rint(scaled), 0, levels).astype(code_dtype)
         attrs.update(offset=dtype.type(lo), high=dtype.type(hi), step=step)
     n_runs = int(np.count_nonzero(codes[1:] != codes[:-1])) + 1
-    container = _container_bits(bits)
+    container = container_bits(bits)
     # A run costs its code plus a length (~16 bits after compression), a dense pixel its
     # container: below that break-even, run-length coding a noisy background would grow it.
     use_rle = encoding == "rle" or (encoding == "auto" and n_runs * (bits + 16) < codes.size * container)
     if use_rle:
-        values, lengths = _rle(codes)
+        values, lengths = rle(codes)
         attrs["encoding"] = "rle"
         return values, lengths, attrs
     attrs.update(encoding="dense", container=container, count=codes.size)
-    return _pack_codes(codes, container), None, attrs
-
-
-def split_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]] | None:
-    """Lossless minimum-bits form of integer pixels: low bytes, plus the high bits packed.
-
-    ``values - min`` of HRTEM counts needs ~9–12 bits. Its low byte is stored as uint8 and the
-    bits above it in 1/2/4/8-bit containers (see :func:`_pack_codes`): the same size as HDF5's
-    scale-offset filter, ~5× faster, and readable with plain numpy. Returns ``None`` for data it
-    does not suit (floats, 64-bit integers, or a range wider than 16 bits).
-
-    Examples
-    --------
-    >>> low, high, attrs = split_bytes(np.array([1000, 1300, 1001], np.int16))
-    >>> attrs["bits"], low.dtype, join_bytes(low, high, attrs, np.dtype(np.int16)).tolist()
-    (9, dtype('uint8'), [1000, 1300, 1001])
-    """
-    if values.dtype.kind not in "iu" or values.dtype.itemsize > 4 or values.size == 0:
-        return None
-    offset = int(values.min())
-    wide = np.int32 if values.dtype.itemsize <= 2 else np.int64  # holds value - min exactly
-    u = values.astype(wide)
-    u -= offset
-    bits = int(u.max()).bit_length()
-    if bits > 16:
-        return None
-    attrs: dict[str, Any] = {"encoding": "split", "offset": offset, "bits": bits, "count": int(values.size)}
-    low = u.astype(np.uint8)  # keeps the low byte
-    if bits <= 8:
-        return low, None, attrs
-    container = _container_bits(bits - 8)
-    attrs["high_container"] = container
-    return low, _pack_codes((u >> 8).astype(np.uint8), container), attrs
-
-
-def join_bytes(low: np.ndarray, high: np.ndarray | None, attrs: Mapping[str, Any], dtype: np.dtype) -> np.ndarray:
-    """Inverse of :func:`split_bytes`."""
-    u = low.astype(np.int64)
-    if high is not None:
-        u |= _unpack_codes(high, int(attrs["high_container"]), int(attrs["count"])).astype(np.int64) << 8
-    u += int(attrs["offset"])
-    return u.astype(dtype)
-
-
-def _container_bits(bits: int) -> int:
-    """Codes of ``bits`` bits are packed in containers of 1, 2, 4, 8 or 16 bits."""
-    return next(c for c in (1, 2, 4, 8, 16) if c >= bits)
-
-
-def _pack_codes(codes: np.ndarray, container: int) -> np.ndarray:
-    """Pack codes ``8 // container`` to a byte, first code in the most significant bits.
-
-    Whole containers only (no codes straddling bytes) keep both directions a few vectorised
-    shifts; N = 3, 5, 6, 7 pay for it with spare bits, which the lossless codec mostly recovers.
-    """
-    if container >= 8:
-        return codes
-    if container == 1:
-        return np.packbits(codes)
-    per = 8 // container
-    pad = (-codes.size) % per
-    if pad:
-        codes = np.concatenate((codes, np.zeros(pad, codes.dtype)))
-    # Gather the ``per`` codes of each byte as one little-endian word (first code in the low
-    # byte) and shift them into place: contiguous word arithmetic instead of strided byte loops.
-    if container == 4:
-        w = codes.view("<u2")
-        return ((w << np.uint16(4)) | (w >> np.uint16(8))).astype(np.uint8)
-    w = codes.view("<u4")  # container == 2
-    packed = (w << np.uint32(6)) | (w >> np.uint32(4)) | (w >> np.uint32(14)) | (w >> np.uint32(24))
-    return packed.astype(np.uint8)
-
-
-def _unpack_codes(packed: np.ndarray, container: int, count: int) -> np.ndarray:
-    if container >= 8:
-        return packed[:count]
-    per = 8 // container
-    lowest = np.uint8((1 << container) - 1)
-    codes = np.empty((packed.size, per), np.uint8)
-    # One long loop per position in the byte; broadcasting (n, per) would run n loops of length per.
-    for j in range(per):
-        np.bitwise_and(packed >> np.uint8(8 - container * (j + 1)), lowest, out=codes[:, j])
-    return codes.reshape(-1)[:count]
+    return pack_codes(codes, container), None, attrs
 
 
 # ------------------------------------------------------------------------------------ restore

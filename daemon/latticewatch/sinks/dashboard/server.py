@@ -11,29 +11,33 @@ Routes
 ``/thumbnail.png``         the latest frame, small, regions outlined by class
 ``/healthz``               ``ok``
 
-The pipeline thread only calls `DashboardSink.consume`, which records counters, stores a reference
-to the latest frame and sets two events. PNG rendering, the verdict file, the event-log tail and the
-broadcasting to browsers run on the sink's own threads; a browser that does not keep up has its
-queue filled and is dropped (it reconnects and starts from a fresh snapshot).
+The sink is fed by the durable event log: `DashboardSink.consume` (called from the pipeline's
+threads) records counters, the runner's timings and errors, stores a reference to the latest
+frame and sets two events. PNG rendering, the verdict file and the broadcasting to browsers run
+on the sink's own threads; a browser that does not keep up has its queue filled and is dropped
+(it reconnects and starts from a fresh snapshot).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from latticewatch.io.atomic import write_atomic
 from latticewatch.frame import Analysis, Frame
+from latticewatch.io.atomic import write_atomic
+from latticewatch.io.jsonio import dumps
 from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule
+from latticewatch.sinks.events import Event, FrameEvent
+from latticewatch.sinks.reports import overlay_image
 
 log = logging.getLogger("latticewatch.sinks.dashboard")
 
@@ -106,8 +110,6 @@ class DashboardSink:
     ----------
     host, port
         Where to listen (``port=0``: a free port, see `url`).
-    events_path
-        The durable event log to tail for latency, budget overruns and errors (``None``: not tailed).
     rule
         The verdict rule.
     verdict_file
@@ -126,16 +128,14 @@ class DashboardSink:
 
     name = "dashboard"
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 8088, events_path: str | Path | None = None,
-                 rule: VerdictRule = VerdictRule(), verdict_file: str | None = None, history: int = 1000,
-                 thumbnail_px: int = 384, sse_queue: int = 16, max_rate_hz: float = 4.0,
-                 budget_ms: float | None = None) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 8088, rule: VerdictRule = VerdictRule(),
+                 verdict_file: str | None = None, history: int = 1000, thumbnail_px: int = 384, sse_queue: int = 16,
+                 max_rate_hz: float = 4.0, budget_ms: float | None = None) -> None:
         self.state = DashboardState(history=history, budget_ms=budget_ms, rule=rule)
         self.hub = _Hub(sse_queue)
         self.thumbnail_px = thumbnail_px
         self.verdict_file = verdict_file
         self.max_rate_hz = max_rate_hz
-        self.events_path = Path(events_path) if events_path is not None else None
         self._png: bytes = b""
         self._png_lock = threading.Lock()
         self._latest: tuple[Frame, Analysis, dict[str, Any]] | None = None
@@ -149,8 +149,6 @@ class DashboardSink:
                                           name="dashboard-http", daemon=True),
                          threading.Thread(target=self._render_loop, name="dashboard-render", daemon=True),
                          threading.Thread(target=self._broadcast_loop, name="dashboard-sse", daemon=True)]
-        if self.events_path is not None:
-            self._threads.append(threading.Thread(target=self._tail_loop, name="dashboard-tail", daemon=True))
         for t in self._threads:
             t.start()
         log.info("dashboard on %s", self.url)
@@ -160,12 +158,21 @@ class DashboardSink:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    # the pipeline side: never blocks
-    def consume(self, frame: Frame, analysis: Analysis) -> None:
-        verdict = self.state.add_analysis(frame, analysis)
-        with self._latest_lock:
-            self._latest = (frame, analysis, verdict)
-        self._work.set()
+    # the event log's side: never blocks
+    def consume(self, events: Sequence[Event]) -> None:
+        """Record the events of one append to the log: runner timings, errors, and the analysis of a frame event.
+
+        A frame event read back from the ledger after a restart has no analysis with it: only its
+        timings are shown.
+        """
+        for event in events:
+            self.state.add_runner_event(event)
+            if isinstance(event, FrameEvent) and event.analysed is not None:
+                frame, analysis = event.analysed
+                verdict = self.state.add_analysis(frame, analysis)
+                with self._latest_lock:
+                    self._latest = (frame, analysis, verdict)
+                self._work.set()
         self._changed.set()
 
     def close(self) -> None:
@@ -180,8 +187,6 @@ class DashboardSink:
 
     # the sink's own threads
     def _render_loop(self) -> None:
-        from latticewatch.sinks.reports import overlay_image
-
         while not self._stop.is_set():
             self._work.wait()
             self._work.clear()
@@ -212,7 +217,7 @@ class DashboardSink:
                 return  # a stream frame: no folder to write next to
             target = origin.parent / target
         try:
-            write_atomic(target, (json.dumps(verdict, default=str) + "\n").encode())
+            write_atomic(target, (dumps(verdict) + "\n").encode())
         except OSError as err:
             log.warning("dashboard: cannot write the verdict file %s: %s", target, err)
 
@@ -226,37 +231,8 @@ class DashboardSink:
             if self.hub.count and self.state.version != sent:
                 snap = self.state.snapshot()
                 sent = snap["version"]
-                self.hub.send(b"event: snapshot\ndata: " + json.dumps(snap, default=str, separators=(",", ":")).encode() + b"\n\n")
+                self.hub.send(b"event: snapshot\ndata: " + dumps(snap, separators=(",", ":")).encode() + b"\n\n")
             self._stop.wait(1.0 / self.max_rate_hz)  # coalesce bursts
-
-    def _tail_loop(self) -> None:
-        """Follow the event log from its current end (runner timings, errors, warnings)."""
-        path = self.events_path
-        offset = path.stat().st_size if path.exists() else 0
-        partial = b""
-        while not self._stop.wait(0.25):
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            if size < offset:  # cut back after a crash, or replaced
-                offset, partial = 0, b""
-            if size == offset:
-                continue
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                chunk = fh.read(size - offset)
-            offset += len(chunk)
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            for line in lines:
-                if b'"type":"particle"' in line or not line.strip():
-                    continue
-                try:
-                    self.state.add_runner_event(json.loads(line))
-                except ValueError:
-                    continue
-            self._changed.set()
 
 
 def _max_seconds(path: str) -> float | None:
@@ -291,7 +267,7 @@ def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _json(self, status: int, data: Any) -> None:
-            self._send(status, json.dumps(data, default=str).encode(), "application/json")
+            self._send(status, dumps(data).encode(), "application/json")
 
         def do_HEAD(self) -> None:
             self.do_GET()
@@ -334,12 +310,13 @@ def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                first = json.dumps(sink.state.snapshot(), default=str, separators=(",", ":")).encode()
+                first = dumps(sink.state.snapshot(), separators=(",", ":")).encode()
                 self.wfile.write(b"retry: 2000\nevent: snapshot\ndata: " + first + b"\n\n")
                 self.wfile.flush()
                 while not client.dropped and (until is None or time.monotonic() < until):
                     try:
-                        message = client.queue.get(timeout=min(15.0, max(until - time.monotonic(), 0.01)) if until else 15.0)
+                        wait = min(15.0, max(until - time.monotonic(), 0.01)) if until else 15.0
+                        message = client.queue.get(timeout=wait)
                     except queue.Empty:
                         message = b": keep-alive\n\n"
                     if message is None:

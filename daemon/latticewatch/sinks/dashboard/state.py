@@ -1,7 +1,8 @@
-"""What the live dashboard shows, aggregated in memory (bounded) from finished analyses and the event log.
+"""What the live dashboard shows, aggregated in memory (bounded) from the events of the durable log.
 
-`DashboardState.add_analysis` is called from the pipeline's last phase, so it only appends to
-bounded deques and bumps counters under a lock; histograms and the snapshot sent to the page are
+`DashboardState.add_analysis` (a frame event's analysis) and `DashboardState.add_runner_event` are
+called from the event log's writers (the pipeline's threads), so they only append to bounded
+deques and bump counters under a lock; histograms and the snapshot sent to the page are
 computed on demand by the HTTP side (`snapshot`), at most a few times a second.
 
 `Verdict` is the closed loop to acquisition: keep or skip the area a frame came from, by a
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from latticewatch.frame import CLASSES, Analysis, Frame
+from latticewatch.sinks.events import ErrorEvent, Event, FrameEvent, WarningEvent
 
 #: The classes of the defect fraction: stacking fault among particles on zone axis.
 FAULT, NO_FAULT = "stacking_fault", "no_stacking_fault"
@@ -90,7 +92,7 @@ def size_histograms(diameters: np.ndarray, labels: np.ndarray, *, bins: int = 16
     >>> h = size_histograms(np.array([1.0, 2.0, 2.2, 7.0]), np.array(["stacking_fault", "no_stacking_fault",
     ...                     "stacking_fault", "empty"]), bins=4)
     >>> h["edges"], h["counts"]["stacking_fault"], h["defect_fraction"]
-    ([0.0, 2.0, 4.0, 6.0, 8.0], [1, 1, 0, 0], [1.0, 0.5, None, None])
+    ([0, 2, 4, 6, 8], [1, 1, 0, 0], [1.0, 0.5, None, None])
     >>> h["oriented"]
     [1, 2, 0, 0]
     """
@@ -130,8 +132,9 @@ class DashboardState:
 
     Examples
     --------
+    >>> from latticewatch.sinks.events import error_event
     >>> state = DashboardState(history=100)
-    >>> state.add_runner_event({"type": "error", "frame_id": "cam:1", "problem": "bad header", "at": "t"})
+    >>> state.add_runner_event(error_event("cam:1", "", "bad header"))
     >>> state.snapshot()["errors"][0]["problem"]
     'bad header'
     """
@@ -174,7 +177,8 @@ class DashboardState:
                 self.size_unit = "nm"
             self.frames.append({"t": now, "frame_id": frame.frame_id, "particles": len(analysis.regions),
                                 "coverage": round(analysis.coverage, 5), "defect_fraction": analysis.defect_fraction,
-                                "fault": counts.get(FAULT, 0), "oriented": counts.get(FAULT, 0) + counts.get(NO_FAULT, 0),
+                                "fault": counts.get(FAULT, 0),
+                                "oriented": counts.get(FAULT, 0) + counts.get(NO_FAULT, 0),
                                 "seconds": round(sum(analysis.timings_s.values()), 5)})
             self.particles.extend(sizes)
             self.arrivals.append(time.monotonic())
@@ -186,21 +190,20 @@ class DashboardState:
             self.version += 1
         return verdict
 
-    def add_runner_event(self, event: dict[str, Any]) -> None:
+    def add_runner_event(self, event: Event) -> None:
         """One event from the durable log: runner timings of ``frame`` events, ``error`` and ``warning`` events."""
-        kind = event.get("type")
         with self._lock:
-            if kind == "frame" and isinstance(event.get("runner"), dict):
-                runner = event["runner"]
-                self.latencies.append({"frame_id": event.get("frame_id"), "latency_s": runner.get("latency_s"),
-                                       "service_s": round(sum((runner.get("phases_s") or {}).values()), 6),
-                                       "overrun": bool(runner.get("overrun"))})
-                self.totals["overruns"] += int(bool(runner.get("overrun")))
-                if runner.get("budget_ms") is not None:
-                    self.budget_ms = runner["budget_ms"]
-            elif kind in ("error", "warning"):
-                self.errors.append({k: event.get(k) for k in ("type", "at", "frame_id", "origin", "problem")})
-                self.totals["errors" if kind == "error" else "warnings"] += 1
+            if isinstance(event, FrameEvent):
+                runner = event.runner
+                self.latencies.append({"frame_id": event.frame_id, "latency_s": runner.latency_s,
+                                       "service_s": round(sum(runner.phases_s.values()), 6), "overrun": runner.overrun})
+                self.totals["overruns"] += int(runner.overrun)
+                if runner.budget_ms is not None:
+                    self.budget_ms = runner.budget_ms
+            elif isinstance(event, (ErrorEvent, WarningEvent)):
+                self.errors.append({"type": event.type, "at": event.at, "frame_id": event.frame_id,
+                                    "origin": event.origin, "problem": event.problem})
+                self.totals["errors" if event.type == "error" else "warnings"] += 1
             else:
                 return
             self.version += 1
@@ -255,6 +258,7 @@ class DashboardState:
             "p50_s": round(float(np.median(lat[-100:])), 4) if lat else None,
             "max_s": round(float(max(lat[-100:])), 4) if lat else None,
             "service_p50_s": round(float(np.median(svc[-100:])), 4) if svc else None,
-            "recent": [{"latency_s": x["latency_s"], "service_s": x["service_s"], "overrun": x["overrun"]} for x in latencies[-200:]],
+            "recent": [{"latency_s": x["latency_s"], "service_s": x["service_s"], "overrun": x["overrun"]}
+                       for x in latencies[-200:]],
         }
         return snap

@@ -143,7 +143,8 @@ def _check_training_set(images: Sequence[np.ndarray], masks: Sequence[np.ndarray
         raise BaselineError(f"fit needs matching, non-empty lists of images and masks ({len(images)} vs {len(masks)})")
     for i, (image, mask) in enumerate(zip(images, masks)):
         if np.shape(image) != np.shape(mask) or np.ndim(image) != 2:
-            raise BaselineError(f"training pair {i}: image {np.shape(image)} and mask {np.shape(mask)} must be equal 2-D shapes")
+            raise BaselineError(f"training pair {i}: image {np.shape(image)} and mask {np.shape(mask)} "
+                                "must be equal 2-D shapes")
 
 
 # ------------------------------------------------------------------------------------------ Otsu
@@ -241,7 +242,8 @@ class FourierAnnulusBaseline(Baseline):
     def _spectrum(self, image: np.ndarray) -> np.ndarray:
         return sfft.rfft2(_standardise(image))
 
-    def _score_from_spectrum(self, spectrum: np.ndarray, shape: tuple[int, int], k_low: float, k_high: float, envelope_px: float) -> np.ndarray:
+    def _score_from_spectrum(self, spectrum: np.ndarray, shape: tuple[int, int], k_low: float, k_high: float,
+                             envelope_px: float) -> np.ndarray:
         radius = _radius_grid(shape)
         band = sfft.irfft2(spectrum * ((radius >= k_low) & (radius <= k_high)), s=shape)
         amplitude = np.sqrt(_smooth(band * band, envelope_px))

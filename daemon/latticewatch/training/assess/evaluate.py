@@ -21,7 +21,7 @@ network's. Metrics are pooled over every pixel of the set (:mod:`latticewatch.tr
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,17 @@ import numpy as np
 
 from latticewatch.frame import Analysis, Frame
 from latticewatch.errors import FrameError
-from latticewatch.runtime.analyser import Analyser, Prepared, _nearest_index
+from latticewatch.runtime.analyser import Analyser, Prepared, nearest_index
+from latticewatch.runtime.batch import Batch, Failure
 from latticewatch.training.assess.baselines import BASELINES, Baseline, BaselineError, baseline_from_dict, make_baseline
-from latticewatch.training.data.labelled import LabelledDataError, LabelledImage, group_folds, load_labelled
+from latticewatch.training.data.labelled import (
+    LabelledDataError,
+    LabelledImage,
+    group_folds,
+    labelled_files,
+    load_labelled,
+    read_mask,
+)
 from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics
 
 log = logging.getLogger("latticewatch.training.assess.evaluate")
@@ -49,15 +57,16 @@ def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """
     if mask.shape == tuple(shape):
         return mask
-    rows, cols = _nearest_index(shape[0], mask.shape[0]), _nearest_index(shape[1], mask.shape[1])
+    rows, cols = nearest_index(shape[0], mask.shape[0]), nearest_index(shape[1], mask.shape[1])
     return mask[rows[:, None], cols[None, :]]
 
 
 @dataclass
 class ScoredImage:
-    """One labelled image after the network: what the baselines and metrics need."""
+    """One labelled frame after the network: what the baselines and metrics need."""
 
-    name: str
+    name: str  # the image's stem; ``<stem>#<section>`` for a section of a stack
+    frame_id: str
     truth: np.ndarray  # bool, frame size
     model_image: np.ndarray  # the preprocessed image the network saw (model resolution)
     model_truth: np.ndarray  # label on the model-resolution grid
@@ -70,8 +79,29 @@ def frame_of(item: LabelledImage) -> Frame:
     return Frame(frame_id=item.name, pixels=item.pixels, pixel_size_nm=item.pixel_size_nm, origin=item.name)
 
 
+def score_frame(analyser: Analyser, frame: Frame, truth: np.ndarray, name: str) -> ScoredImage:
+    """The analyser's prepare → segment → finish on one labelled frame, as ``process`` runs it.
+
+    Raises `FrameError` when the frame cannot be analysed (too small, NaN pixels, …).
+    """
+    prepared: Prepared = analyser.prepare(frame)
+    probability = analyser.segment_batch([prepared])[0]
+    analysis: Analysis = analyser.finish(prepared, probability, keep_probability=True)
+    image = prepared.pre.image
+    return ScoredImage(
+        name=name,
+        frame_id=frame.frame_id,
+        truth=truth,
+        model_image=image,
+        model_truth=resize_nearest(truth, image.shape),
+        probability=analysis.probability,
+        isolated=analysis.mask > 0,
+        pixel_size_nm=frame.pixel_size_nm,
+    )
+
+
 def run_model(analyser: Analyser, data: Sequence[LabelledImage], *, progress: bool = False) -> Iterator[ScoredImage]:
-    """The analyser's prepare → segment → finish on every labelled image, as ``process`` runs it.
+    """`score_frame` on labelled images already in memory (``calibrate threshold``).
 
     Raises
     ------
@@ -82,21 +112,44 @@ def run_model(analyser: Analyser, data: Sequence[LabelledImage], *, progress: bo
 
     for item in tqdm(data, desc="evaluate", unit="image", disable=not progress):
         try:
-            prepared: Prepared = analyser.prepare(frame_of(item))
-            probability = analyser.segment_batch([prepared])[0]
-            analysis: Analysis = analyser.finish(prepared, probability, keep_probability=True)
+            yield score_frame(analyser, frame_of(item), item.mask, item.name)
         except FrameError as err:
             raise LabelledDataError(f"{item.name}: cannot be analysed: {err}") from err
-        image = prepared.pre.image
-        yield ScoredImage(
-            name=item.name,
-            truth=item.mask,
-            model_image=image,
-            model_truth=resize_nearest(item.mask, image.shape),
-            probability=analysis.probability,
-            isolated=analysis.mask > 0,
-            pixel_size_nm=item.pixel_size_nm,
-        )
+
+
+def score_files(analyser: Analyser, images_dir: Path, labels_dir: Path, batch: Batch) -> list[ScoredImage]:
+    """Every frame of every labelled image file, on the batch path, scored against its file's label.
+
+    Images and labels pair by file stem (:func:`~latticewatch.training.data.labelled.labelled_files`).
+    The sections of a stack share its label and are named ``<stem>#<section>``. A file or section
+    that cannot be read, or a frame that cannot be analysed, is a failure in ``batch``; a label that
+    is missing, unreadable or of another shape than its image raises `LabelledDataError`, and so
+    does a set in which no frame could be scored.
+    """
+    pairs = labelled_files(images_dir, labels_dir)
+    by_image = {str(image): (stem, label) for stem, image, label in pairs}
+    masks: dict[Path, np.ndarray] = {}
+
+    def score(frame: Frame) -> ScoredImage:
+        stem, label = by_image[frame.origin]
+        if label not in masks:
+            masks.clear()  # a stack's sections come one after another: keep only the current file's mask
+            masks[label] = read_mask(label)
+        truth = masks[label]
+        if truth.shape != frame.pixels.shape:
+            raise LabelledDataError(f"{label}: mask shape {truth.shape} differs from image shape {frame.pixels.shape}")
+        section = frame.frame_id.removeprefix(frame.origin)  # "#<section>" for a stack, else ""
+        return score_frame(analyser, frame, truth, stem + section)
+
+    scored = [result for _, result in batch.run([image for _, image, _ in pairs], score)]
+    if not scored:
+        raise LabelledDataError(f"{images_dir}: no image could be analysed ({len(batch.failures)} failed)")
+    unsized = [s.name for s in scored if s.pixel_size_nm is None]
+    model_px = analyser.manifest.segmentation.pixel_size_nm
+    if unsized and model_px:
+        log.warning("%d of %d images carry no pixel size (e.g. %s): they are not resampled to the model's %.4g nm/px",
+                    len(unsized), len(scored), unsized[0], model_px)
+    return scored
 
 
 def prepared_images(analyser: Analyser, data: Sequence[LabelledImage]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -229,15 +282,19 @@ def evaluate(
     per_image: bool = False,
     threads: int | None = None,
     progress: bool = False,
+    on_failure: Callable[[Failure], None] | None = None,
 ) -> dict[str, Any]:
     """Score a profile (and the baselines) on a labelled set; returns the JSON-ready report.
+
+    Every frame of every image file is read and analysed on the batch path, as ``process`` does
+    (:func:`score_files`): a file, section or frame that fails is reported in ``failures``.
 
     Parameters
     ----------
     profile
         Installed profile name or profile directory.
     images_dir, labels_dir
-        Images and their masks, paired by file stem (:func:`~latticewatch.training.data.labelled.load_labelled`).
+        Images and their masks, paired by file stem (:func:`~latticewatch.training.data.labelled.labelled_files`).
     threshold
         Decision threshold on the particle probability; default the manifest's ``segmentation.threshold``.
         It also replaces ``isolation.threshold`` for ``model_isolated``, as if the manifest said so.
@@ -245,14 +302,22 @@ def evaluate(
         Names of the baselines to run alongside (empty: none).
     fit_images, fit_labels
         A separate labelled set to fit the baselines on when the manifest has no fitted ones.
+    on_failure
+        Called with each failed file or frame as it happens.
 
     Returns
     -------
     dict
-        ``profile``, ``threshold``, ``n_images``, ``model``, ``model_isolated``, ``baselines``
-        (name → metrics), ``baseline_fit`` (where the parameters came from); each metrics block
-        has :data:`~latticewatch.training.assess.metrics.METRIC_KEYS` and ``confusion_matrix``, plus
+        ``profile``, ``threshold``, ``n_images``, ``frame_ids`` (the frames scored), ``model``,
+        ``model_isolated``, ``baselines`` (name → metrics), ``baseline_fit`` (where the parameters
+        came from), ``failures`` (``{"file", "frame_id", "error"}`` each); each metrics block has
+        :data:`~latticewatch.training.assess.metrics.METRIC_KEYS` and ``confusion_matrix``, plus
         ``per_image`` when asked.
+
+    Raises
+    ------
+    LabelledDataError
+        When a folder, an image's label or every frame is unusable.
 
     Examples
     --------
@@ -267,19 +332,14 @@ def evaluate(
         # the isolated mask must be what `process` would give with this threshold in the manifest
         analyser.manifest = manifest.model_copy(update={"isolation": manifest.isolation.model_copy(update={"threshold": t})})
     names = list(baselines)
-    data = load_labelled(Path(images_dir), Path(labels_dir))
     fit_data = None
     if fit_images is not None or fit_labels is not None:
         if fit_images is None or fit_labels is None:
             raise LabelledDataError("--fit-images and --fit-labels go together")
         if names and not all(n in manifest.baselines for n in names):
             fit_data = load_labelled(Path(fit_images), Path(fit_labels))
-    unsized = [d.name for d in data if d.pixel_size_nm is None]
-    if unsized and manifest.segmentation.pixel_size_nm:
-        log.warning("%d of %d images carry no pixel size (e.g. %s): they are not resampled to the model's %.4g nm/px",
-                    len(unsized), len(data), unsized[0], manifest.segmentation.pixel_size_nm)
-
-    scored = list(run_model(analyser, data, progress=progress))
+    batch = Batch(on_failure=on_failure, progress=progress, desc="evaluate")
+    scored = score_files(analyser, Path(images_dir), Path(labels_dir), batch)
     model, isolated = Method(), Method()
     for s in scored:
         model.add(s.name, s.probability >= t, s.truth)
@@ -307,12 +367,14 @@ def evaluate(
         "images": str(images_dir),
         "labels": str(labels_dir),
         "n_images": len(scored),
+        "frame_ids": [s.frame_id for s in scored],
         "threshold": t,
         "model_pixel_size_nm": manifest.segmentation.pixel_size_nm,
         "model": model.report(per_image),
         "model_isolated": isolated.report(per_image),
         "baselines": {n: methods[n].report(per_image) for n in names},
         "baseline_fit": plan.describe() if plan else None,
+        "failures": [f.as_dict() for f in batch.failures],
     }
 
 
@@ -342,4 +404,5 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METRIC_KEYS", "evaluate", "format_report", "parse_baselines", "plan_baselines", "resize_nearest", "run_model"]
+__all__ = ["METRIC_KEYS", "evaluate", "format_report", "parse_baselines", "plan_baselines", "resize_nearest", "run_model",
+           "score_files", "score_frame"]

@@ -77,7 +77,8 @@ def pooled_dice(predictions: Iterable[np.ndarray], truths: Iterable[np.ndarray])
     return segmentation_metrics(PixelCounts.pooled(predictions, truths))["dice"]
 
 
-def counts_above(scores: Sequence[np.ndarray], truths: Sequence[np.ndarray], thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+def counts_above(scores: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+                 thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """For every ``t`` of the sorted ``thresholds``: the foreground and the background pixels with
     ``score >= t``, pooled over the set, and the totals of each.
 

@@ -7,7 +7,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from latticewatch.stages.preprocess import Normalisation, preprocess
-from latticewatch.testing.synthetic import generate_frame
+from latticewatch.testing.synthetic.frames import generate_frame
 
 
 def synthetic_segmentation_set(
@@ -28,7 +28,8 @@ def synthetic_segmentation_set(
     masks = np.empty((n, *shape), np.uint8)
     for i in tqdm(range(n), desc="synthetic frames", disable=not progress, unit="frame"):
         sample = generate_frame(rng, shape=shape, pixel_size_nm=pixel_size_nm)
-        images[i] = preprocess(sample.image, pixel_size_nm, normalisation=normalisation, model_pixel_size_nm=pixel_size_nm).image
+        images[i] = preprocess(sample.image, pixel_size_nm, normalisation=normalisation,
+                               model_pixel_size_nm=pixel_size_nm).image
         masks[i] = sample.mask
     return images, masks
 
@@ -71,12 +72,15 @@ def rotate_crop(
     matrix = rotation @ np.diag([1.0, -1.0 if flip else 1.0])
     half = (crop - 1) / 2.0
     offset = np.asarray(centre, float) - matrix @ np.array([half, half])
-    x = ndimage.affine_transform(image.astype(np.float32, copy=False), matrix, offset=offset, output_shape=(crop, crop), order=1, mode="reflect")
-    y = ndimage.affine_transform(mask.astype(np.uint8, copy=False), matrix, offset=offset, output_shape=(crop, crop), order=0, mode="reflect")
+    x = ndimage.affine_transform(image.astype(np.float32, copy=False), matrix, offset=offset, output_shape=(crop, crop),
+                                 order=1, mode="reflect")
+    y = ndimage.affine_transform(mask.astype(np.uint8, copy=False), matrix, offset=offset, output_shape=(crop, crop),
+                                 order=0, mode="reflect")
     return x, y
 
 
-def random_rotation_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+def random_rotation_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
+                         crop: int) -> tuple[np.ndarray, np.ndarray]:
     """`rotate_crop` with a uniform angle in [0°, 360°), a random left–right flip and a random
     centre at which an unrotated crop would fit (the image centre when the crop is as large as
     the image; the rotated corners then come from the mirrored surroundings)."""
@@ -84,4 +88,5 @@ def random_rotation_crop(rng: np.random.Generator, image: np.ndarray, mask: np.n
     lo_r, hi_r = sorted((min(crop / 2, h / 2), max(h - crop / 2, h / 2)))
     lo_c, hi_c = sorted((min(crop / 2, w / 2), max(w - crop / 2, w / 2)))
     centre = (float(rng.uniform(lo_r, hi_r)) - 0.5, float(rng.uniform(lo_c, hi_c)) - 0.5)
-    return rotate_crop(image, mask, angle_deg=float(rng.uniform(0.0, 360.0)), flip=bool(rng.integers(2)), centre=centre, crop=crop)
+    return rotate_crop(image, mask, angle_deg=float(rng.uniform(0.0, 360.0)), flip=bool(rng.integers(2)), centre=centre,
+                       crop=crop)

@@ -20,8 +20,9 @@ from latticewatch.errors import InputError
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 IMAGE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".png", ".dm3", ".dm4", ".ser", ".emd")
 
-#: Sadre et al.'s graphene images from one focal/time series share a stem up to ``_layer_NNNN``.
-_SERIES_SUFFIX = re.compile(r"_layer_\d+$")
+#: Sadre et al.'s graphene images from one focal/time series share a stem up to ``_layer_NNNN``;
+#: the sections of a stack (``<stem>#<section>`` in ``evaluate``) are one series too.
+_SERIES_SUFFIX = re.compile(r"(_layer_\d+)?(#\d+)?$")
 
 
 class LabelledDataError(InputError):
@@ -39,8 +40,8 @@ class LabelledImage:
 def series_of(name: str) -> str:
     """The acquisition series an image belongs to: images of one series must share a fold.
 
-    >>> series_of("2014_0601_Gr_FS_Dyna1_01_layer_0007")
-    '2014_0601_Gr_FS_Dyna1_01'
+    >>> series_of("2014_0601_Gr_FS_Dyna1_01_layer_0007"), series_of("grid1#3")
+    ('2014_0601_Gr_FS_Dyna1_01', 'grid1')
     """
     return _SERIES_SUFFIX.sub("", name)
 
@@ -69,13 +70,52 @@ def read_mask(path: Path) -> np.ndarray:
     return mask != 0
 
 
-def load_labelled(images_dir: Path, labels_dir: Path, *, names: list[str] | None = None) -> list[LabelledImage]:
-    """Read every image in ``images_dir`` with its mask from ``labels_dir`` (same stem), sorted by name.
+def labelled_files(images_dir: Path, labels_dir: Path, *,
+                   names: list[str] | None = None) -> list[tuple[str, Path, Path]]:
+    """``(stem, image, label)`` for every image in ``images_dir`` with its mask in ``labels_dir``, by stem.
 
     Parameters
     ----------
     names
-        Only these stems (e.g. one cross-validation fold); default all images.
+        Only these stems (e.g. one cross-validation fold); default all images, sorted.
+
+    Raises
+    ------
+    LabelledDataError
+        When a folder is missing, has no images, or an image has no label.
+
+    Examples
+    --------
+    >>> [stem for stem, _, _ in labelled_files(Path("sim/images"), Path("sim/labels"))][:2]  # doctest: +SKIP
+    ['sim_000000', 'sim_000001']
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    if not images_dir.is_dir():
+        raise LabelledDataError(f"{images_dir}: not a directory of images")
+    if not labels_dir.is_dir():
+        raise LabelledDataError(f"{labels_dir}: not a directory of labels")
+    images = {p.stem: p for p in sorted(images_dir.iterdir())
+              if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    labels = {p.stem: p for p in sorted(labels_dir.iterdir())
+              if p.suffix.lower() in LABEL_SUFFIXES and not p.name.startswith(".")}
+    wanted = sorted(images) if names is None else list(names)
+    if not wanted:
+        raise LabelledDataError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    for name in wanted:
+        if name not in images:
+            raise LabelledDataError(f"{images_dir}: no image named {name}")
+        if name not in labels:
+            raise LabelledDataError(f"{images[name]}: no label {name}.png/.tif in {labels_dir}")
+    return [(name, images[name], labels[name]) for name in wanted]
+
+
+def load_labelled(images_dir: Path, labels_dir: Path, *, names: list[str] | None = None) -> list[LabelledImage]:
+    """Read every image in ``images_dir`` (its first frame) with its mask from ``labels_dir`` (same stem).
+
+    Parameters
+    ----------
+    names
+        Only these stems (e.g. one cross-validation fold); default all images, sorted by name.
 
     Raises
     ------
@@ -87,29 +127,15 @@ def load_labelled(images_dir: Path, labels_dir: Path, *, names: list[str] | None
     >>> data = load_labelled(Path("sim/images"), Path("sim/labels"))  # doctest: +SKIP
     >>> data[0].mask.mean()  # doctest: +SKIP
     """
-    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
-    if not images_dir.is_dir():
-        raise LabelledDataError(f"{images_dir}: not a directory of images")
-    if not labels_dir.is_dir():
-        raise LabelledDataError(f"{labels_dir}: not a directory of labels")
-    images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
-    labels = {p.stem: p for p in sorted(labels_dir.iterdir()) if p.suffix.lower() in LABEL_SUFFIXES and not p.name.startswith(".")}
-    wanted = sorted(images) if names is None else list(names)
-    if not wanted:
-        raise LabelledDataError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     out = []
-    for name in wanted:
-        if name not in images:
-            raise LabelledDataError(f"{images_dir}: no image named {name}")
-        if name not in labels:
-            raise LabelledDataError(f"{images[name]}: no label {name}.png/.tif in {labels_dir}")
+    for name, image, label in labelled_files(images_dir, labels_dir, names=names):
         try:
-            frame = next(iter(read_frames(images[name])))
+            frame = next(iter(read_frames(image)))
         except (ReadError, OSError, StopIteration) as err:
-            raise LabelledDataError(f"{images[name]}: unreadable image: {err}") from err
-        mask = read_mask(labels[name])
+            raise LabelledDataError(f"{image}: unreadable image: {err}") from err
+        mask = read_mask(label)
         if mask.shape != frame.pixels.shape:
-            raise LabelledDataError(f"{labels[name]}: mask shape {mask.shape} differs from image shape {frame.pixels.shape}")
+            raise LabelledDataError(f"{label}: mask shape {mask.shape} differs from image shape {frame.pixels.shape}")
         out.append(LabelledImage(name, frame.pixels, mask, frame.pixel_size_nm))
     return out
 

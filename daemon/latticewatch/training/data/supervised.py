@@ -31,9 +31,11 @@ class PreparedSet:
     pixel_size_nm: float | None
 
     def subset(self, names: Sequence[str]) -> "PreparedSet":
+        """The images of ``names``, in that order."""
         index = {n: i for i, n in enumerate(self.names)}
         keep = [index[n] for n in names]
-        return PreparedSet([self.names[i] for i in keep], [self.images[i] for i in keep], [self.masks[i] for i in keep], self.pixel_size_nm)
+        return PreparedSet([self.names[i] for i in keep], [self.images[i] for i in keep],
+                           [self.masks[i] for i in keep], self.pixel_size_nm)
 
     @property
     def n_pixels(self) -> int:
@@ -72,15 +74,18 @@ def resolve_pixel_size(data: Sequence[LabelledImage], requested: float | str | N
         return None
     if len(known) != len(data):
         missing = [d.name for d in data if not d.pixel_size_nm][:3]
-        raise LabelledDataError(f"{len(data) - len(known)} image(s) state no pixel size (e.g. {', '.join(missing)}) while "
-                                f"{len(known)} do; pass --pixel-size-nm X (resample all known ones to X) or --pixel-size-nm none")
+        raise LabelledDataError(f"{len(data) - len(known)} image(s) state no pixel size (e.g. {', '.join(missing)}) "
+                                f"while {len(known)} do; pass --pixel-size-nm X (resample all known ones to X) or "
+                                "--pixel-size-nm none")
     lo, hi = min(known), max(known)
     if hi > lo * (1 + PIXEL_SIZE_RTOL):
-        raise LabelledDataError(f"images are sampled at {lo:.4g}–{hi:.4g} nm/px; pass --pixel-size-nm X to train at X nm/px")
+        raise LabelledDataError(f"images are sampled at {lo:.4g}–{hi:.4g} nm/px; pass --pixel-size-nm X to train at "
+                                "X nm/px")
     return float(np.median(known))
 
 
-def prepare_labelled(data: Sequence[LabelledImage], *, normalisation: Normalisation, pixel_size_nm: float | None) -> PreparedSet:
+def prepare_labelled(data: Sequence[LabelledImage], *, normalisation: Normalisation,
+                     pixel_size_nm: float | None) -> PreparedSet:
     """Preprocess every image as `Analyser.prepare` would (resample when both pixel sizes are
     known, 3×3 median, normalise) and resample its mask with the same geometry (area fraction
     ≥ ½ after the same resampling), so image and mask stay aligned.
@@ -94,7 +99,8 @@ def prepare_labelled(data: Sequence[LabelledImage], *, normalisation: Normalisat
     """
     images, masks = [], []
     for item in data:
-        pre = preprocess(item.pixels, item.pixel_size_nm, normalisation=normalisation, model_pixel_size_nm=pixel_size_nm)
+        pre = preprocess(item.pixels, item.pixel_size_nm, normalisation=normalisation,
+                         model_pixel_size_nm=pixel_size_nm)
         mask = item.mask
         if pre.scale != 1.0:
             mask = resample(mask.astype(np.float32), pre.scale) >= 0.5

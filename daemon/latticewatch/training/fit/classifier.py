@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,18 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from latticewatch.errors import InputError
 from latticewatch.frame import CLASSES
-from latticewatch.models.manifest import Manifest, ManifestError, read_manifest, sha256_of
+from latticewatch.models.manifest import (
+    Manifest,
+    read_manifest,
+    relative_path,
+    sha256_of,
+    update_manifest,
+    write_manifest,
+)
 from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
 from latticewatch.stages.preprocess import preprocess
-from latticewatch.errors import InputError
 
 log = logging.getLogger("latticewatch.training.fit.classifier")
 
@@ -82,7 +88,8 @@ def read_crop_index(path: Path) -> list[CropRow]:
             reader = csv.DictReader(fh)
             missing = [c for c in INDEX_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise CropIndexError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(INDEX_COLUMNS)}")
+                raise CropIndexError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                     f"expected {', '.join(INDEX_COLUMNS)}")
             rows = []
             for line, record in enumerate(reader, start=2):
                 try:
@@ -97,12 +104,13 @@ def read_crop_index(path: Path) -> list[CropRow]:
     return rows
 
 
-def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None, manifest: Manifest) -> dict[str, float]:
+def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None,
+                  manifest: Manifest) -> dict[str, float]:
     """The five features of one region crop, preprocessed as the profile's analyser would.
 
     Examples
     --------
-    >>> from latticewatch.testing.synthetic import generate_region
+    >>> from latticewatch.testing.synthetic.frames import generate_region
     >>> from latticewatch.models.manifest import read_manifest
     >>> from latticewatch_nanoparticles import profile_dir
     >>> crop = generate_region(np.random.default_rng(0), "misoriented", size_px=96)
@@ -127,6 +135,7 @@ class FeatureSet:
     y: np.ndarray  # class indices into CLASSES
     groups: np.ndarray  # source image of each row
     skipped: list[str]
+    source: str = ""  # where the crops came from, as the manifest's ``data`` records it
 
 
 def features_from_index(index: Path, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
@@ -157,14 +166,17 @@ def features_from_index(index: Path, manifest: Manifest, *, progress: bool = Fal
         groups.append(row.image)
     if not X:
         raise CropIndexError(f"{index}: none of the {len(rows)} crops could be used; first problem: {skipped[0]}")
-    return FeatureSet(np.array(X), np.array(y), np.array(groups), skipped)
+    # simulate writes DIR/crops/index.csv: DIR is the data set
+    dataset = index.parent.parent if index.parent.name == "crops" else index.parent
+    return FeatureSet(np.array(X), np.array(y), np.array(groups), skipped,
+                      f"crops index {relative_path(index, dataset)}")
 
 
 def synthetic_features(n_per_class: int, seed: int, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
     """Features of ``n_per_class`` analytic region crops per class, each its own source image."""
     from tqdm import tqdm
 
-    from latticewatch.testing.synthetic import generate_region
+    from latticewatch.testing.synthetic.frames import generate_region
 
     rng = np.random.default_rng(seed)
     pixel_size = manifest.segmentation.pixel_size_nm or 0.05
@@ -176,7 +188,8 @@ def synthetic_features(n_per_class: int, seed: int, manifest: Manifest, *, progr
         X.append([feats[f] for f in FEATURE_NAMES])
         y.append(CLASSES.index(name))
         groups.append(f"synthetic_{i:05d}")
-    return FeatureSet(np.array(X), np.array(y), np.array(groups), [])
+    return FeatureSet(np.array(X), np.array(y), np.array(groups), [],
+                      f"analytic generator, {n_per_class} regions per class, seed {seed}")
 
 
 def split_by_image(y: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,9 +212,11 @@ def split_by_image(y: np.ndarray, groups: np.ndarray, test_fraction: float, seed
         raise ValueError(f"all crops come from one image ({groups[0]}): cannot hold out a test image")
     k = max(2, min(n_groups, int(round(1 / test_fraction))))
     try:
-        train, test = next(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        train, test = next(folds.split(np.zeros(len(y)), y, groups))
     except ValueError:  # fewer members of a class than folds: plain group split
-        train, test = next(GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed).split(np.zeros(len(y)), y, groups))
+        shuffle = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+        train, test = next(shuffle.split(np.zeros(len(y)), y, groups))
     return np.sort(train), np.sort(test)
 
 
@@ -219,14 +234,13 @@ def train_classifier(
     test_fraction: float = 0.2,
     seed: int = 0,
     command: str = "",
-    data: str = "",
 ) -> ClassifierResult:
     """Train the forest on the training images' crops, test it on the others, write it into ``out``.
 
     ``out`` must be a profile directory (its segmentation stays as it is). The forest is saved
     with skops (deflate-compressed), the manifest's ``classifier`` section, ``files`` sha256
     and ``training["classifier"]`` (balanced accuracy, confusion matrix on the held-out images,
-    this command) are updated; both files are replaced atomically.
+    this command, the features' source) are updated; both files are replaced atomically.
 
     Examples
     --------
@@ -236,7 +250,7 @@ def train_classifier(
     """
     import skops.io as sio
 
-    from latticewatch.io.atomic import write_atomic
+    from latticewatch.io.atomic import atomic_path
     from latticewatch.stages.classify import load_forest
     from latticewatch.training.fit.forest import forest_metrics, train_forest
 
@@ -248,7 +262,30 @@ def train_classifier(
         log.warning("classes %s occur only in the test images; the forest cannot predict them", absent)
     forest = train_forest(features.X[train], features.y[train], seed=seed)
     metrics = forest_metrics(forest, features.X[test], features.y[test])
-    metrics.update({
+    metrics.update(_split_summary(features, train, test, test_fraction, seed))
+    forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
+    name = manifest.classifier.skops if manifest.classifier else "forest.skops"
+
+    def change(m: dict[str, Any]) -> None:
+        m["files"][name] = digest
+        m["classifier"] = {"skops": name, "classes": list(CLASSES), "features": list(FEATURE_NAMES)}
+        m["training"]["classifier"] = {"command": command, "data": features.source, "metrics": metrics}
+
+    with atomic_path(out / name) as tmp:
+        # 500 full-depth trees are tens of MB raw; deflate brings them to a few MB
+        sio.dump(forest, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+        load_forest(tmp)  # what we ship must load with the types the pipeline trusts
+        digest = sha256_of(tmp)
+        # an update that would be invalid raises here, before the forest replaces the old one
+        updated = update_manifest(out, change, dry_run=True)
+    write_manifest(out, updated)
+    return ClassifierResult(updated, metrics, tuple(features.skipped))
+
+
+def _split_summary(features: FeatureSet, train: np.ndarray, test: np.ndarray, test_fraction: float,
+                   seed: int) -> dict[str, Any]:
+    """How the crops were split, for the manifest: sizes, images on each side, class counts."""
+    return {
         "n_train": int(train.size),
         "n_images_train": len(set(features.groups[train].tolist())),
         "n_images_test": len(set(features.groups[test].tolist())),
@@ -257,29 +294,7 @@ def train_classifier(
         "train_class_counts": {CLASSES[c]: int(n) for c, n in zip(*np.unique(features.y[train], return_counts=True))},
         "features": list(FEATURE_NAMES),
         "split": "by source image (stratified group folds)",
-    })
-    forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
-    name = manifest.classifier.skops if manifest.classifier else "forest.skops"
-    target = out / name
-    tmp = out / f".{name}.{os.getpid()}.tmp"
-    try:
-        # 500 full-depth trees are tens of MB raw; deflate brings them to a few MB
-        sio.dump(forest, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
-        load_forest(tmp)  # what we ship must load with the types the pipeline trusts
-        digest = sha256_of(tmp)
-        data_dict = manifest.model_dump(mode="json")
-        data_dict["files"][name] = digest
-        data_dict["classifier"] = {"skops": name, "classes": list(CLASSES), "features": list(FEATURE_NAMES)}
-        data_dict["training"]["classifier"] = {"command": command, "data": data, "metrics": metrics}
-        try:
-            updated = Manifest.model_validate(data_dict)
-        except ValidationError as err:
-            raise ManifestError(f"{out / 'manifest.json'}: update would be invalid: {err}") from None
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_atomic(out / "manifest.json", (updated.model_dump_json(indent=2) + "\n").encode())
-    return ClassifierResult(updated, metrics, tuple(features.skipped))
+    }
 
 
 __all__ = ["CropRow", "FeatureSet", "crop_features", "features_from_index", "read_crop_index", "split_by_image",

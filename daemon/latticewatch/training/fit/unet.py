@@ -23,13 +23,18 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from latticewatch.errors import ModelError
+from latticewatch.io.atomic import atomic_path
 from latticewatch.models.architectures import build_net
 from latticewatch.stages.preprocess import pad_to_multiple
+from latticewatch.training.assess.metrics import PixelCounts, pooled_dice
 from latticewatch.training.data.augment import random_dihedral, random_rotation_crop
-from latticewatch.training.assess.metrics import pooled_dice
-from latticewatch.errors import ModelError
+from latticewatch.training.data.supervised import PreparedSet
 
 log = logging.getLogger("latticewatch.training.fit.unet")
+
+#: Images or masks: an (N, H, W) array or a sequence of 2-D arrays (of any sizes).
+ImageSet = np.ndarray | Sequence[np.ndarray]
 
 #: Training state that must match for a checkpoint to be resumed (the rest may change, e.g. steps).
 _RESUME_KEYS = ("architecture", "widths", "crop", "batch_size", "learning_rate", "max_steps", "seed", "augment")
@@ -73,13 +78,22 @@ class CheckpointError(ModelError, ValueError):
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss of the foreground softmax against a 0/1 target (smoothed by 1 for empty crops).
+
+    >>> round(float(dice_loss(torch.tensor([[[[-9.0]], [[9.0]]]]), torch.ones(1, 1, 1))), 4)
+    0.0
+    """
     prob = torch.softmax(logits, dim=1)[:, 1]
     inter = (prob * target).sum()
     return 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
 
 
-def dice_score(prob: np.ndarray | Sequence[np.ndarray], mask: np.ndarray | Sequence[np.ndarray], threshold: float = 0.5) -> float:
-    """Dice over all pixels of a set (as the papers report it)."""
+def dice_score(prob: ImageSet, mask: ImageSet, threshold: float = 0.5) -> float:
+    """Dice over all pixels of a set (as the papers report it).
+
+    >>> dice_score([np.array([[0.9, 0.2]])], [np.array([[True, False]])])
+    1.0
+    """
     return pooled_dice((p >= threshold for p in prob), mask)
 
 
@@ -102,12 +116,8 @@ def predict_images(net: nn.Module, images: Sequence[np.ndarray], batch: int = 4)
     return out  # type: ignore[return-value]
 
 
-def predict_set(net: nn.Module, images: np.ndarray | Sequence[np.ndarray], batch: int = 4) -> np.ndarray:
-    """`predict_images` stacked into one array (images of equal shape)."""
-    return np.stack(predict_images(net, images, batch))
-
-
-def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int, augment: str) -> tuple[np.ndarray, np.ndarray]:
+def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int,
+                 augment: str) -> tuple[np.ndarray, np.ndarray]:
     if augment == "rotate":
         return random_rotation_crop(rng, image, mask, crop)
     h, w = image.shape
@@ -124,27 +134,62 @@ def _config_meta(config: UNetTrainingConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
 
 
-def save_checkpoint(path: Path, *, net: nn.Module, best_state: dict | None, optimiser, schedule, rng: np.random.Generator,
-                    config: UNetTrainingConfig, step: int, best: float, best_step: int | None, stale: int, history: list[dict]) -> None:
+@dataclass
+class _Progress:
+    """How far a run has got towards its best weights: what a checkpoint must carry besides tensors."""
+
+    best: float = -1.0
+    best_step: int | None = None
+    best_state: dict | None = None
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def evaluate(self, step: int, loss: float, net: nn.Module, val: tuple[list, list], config: UNetTrainingConfig,
+                 bar: tqdm) -> bool:
+        """Record this evaluation (and keep the weights if validation Dice improved); True to stop early."""
+        entry = {"step": step, "loss": round(loss, 5)}
+        stop = False
+        if val[0]:
+            dice = dice_score(predict_images(net, val[0]), val[1])
+            entry["val_dice"] = dice
+            bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{dice:.3f}")
+            log.info("step %d: loss %.4f, validation Dice %.4f", step, loss, dice)
+            if dice > self.best + config.min_delta:
+                self.best, self.best_step, self.stale = dice, step, 0
+                self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                self.stale += 1
+                stop = self.stale >= config.patience
+        else:
+            bar.set_postfix(loss=f"{loss:.3f}")
+            log.info("step %d: loss %.4f", step, loss)
+        self.history.append(entry)
+        return stop
+
+
+def _save_checkpoint(path: Path, *, net: nn.Module, progress: _Progress, optimiser, schedule, rng: np.random.Generator,
+                     config: UNetTrainingConfig, step: int) -> None:
     """Everything needed to continue a run, as safetensors (tensors) + JSON metadata (never pickle)."""
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    if best_state is not None:
-        tensors.update({f"best.{k}": v.clone().contiguous() for k, v in best_state.items()})
+    if progress.best_state is not None:
+        tensors.update({f"best.{k}": v.clone().contiguous() for k, v in progress.best_state.items()})
     opt = optimiser.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).clone().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
-        "config": _config_meta(config), "step": step, "best": best, "best_step": best_step, "stale": stale, "history": history,
-        "param_groups": opt["param_groups"], "schedule": schedule.state_dict(), "rng_numpy": rng.bit_generator.state,
+        "config": _config_meta(config), "step": step, "best": progress.best, "best_step": progress.best_step,
+        "stale": progress.stale, "history": progress.history, "param_groups": opt["param_groups"],
+        "schedule": schedule.state_dict(), "rng_numpy": rng.bit_generator.state,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"latticewatch_training": json.dumps(meta)})
-    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
+    with atomic_path(path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
+        save_file(tensors, str(tmp), metadata={"latticewatch_training": json.dumps(meta)})
 
 
-def _load_checkpoint(path: Path, config: UNetTrainingConfig, net: nn.Module, optimiser, schedule, rng: np.random.Generator) -> dict:
+def _load_checkpoint(path: Path, config: UNetTrainingConfig, net: nn.Module, optimiser, schedule,
+                     rng: np.random.Generator) -> tuple[int, _Progress]:
+    """Restore net, optimiser, schedule and random states; the step the checkpoint was written at."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
@@ -169,12 +214,41 @@ def _load_checkpoint(path: Path, config: UNetTrainingConfig, net: nn.Module, opt
     rng.bit_generator.state = meta["rng_numpy"]
     torch.set_rng_state(tensors["rng.torch"])
     best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    return {**meta, "best_state": best_state}
+    return meta["step"], _Progress(meta["best"], meta["best_step"], best_state, meta["stale"], meta["history"])
+
+
+def _as_lists(pair: tuple[ImageSet, ImageSet] | None) -> tuple[list, list]:
+    """``(images, masks)`` as lists of float32 images and bool masks (empty lists for ``None``)."""
+    if pair is None:
+        return [], []
+    return [np.asarray(x, np.float32) for x in pair[0]], [np.asarray(m).astype(bool) for m in pair[1]]
+
+
+def _train_step(net: nn.Module, optimiser, schedule, rng: np.random.Generator, data: tuple[list, list],
+                config: UNetTrainingConfig) -> torch.Tensor:
+    """One optimiser step on ``batch_size`` random augmented crops; the batch's loss."""
+    net.train()
+    images, masks = data
+    xb, yb = [], []
+    for _ in range(config.batch_size):
+        i = int(rng.integers(len(images)))
+        x, y = _random_crop(rng, images[i], masks[i], config.crop, config.augment)
+        xb.append(x)
+        yb.append(y)
+    x = torch.from_numpy(np.stack(xb)[:, None])
+    y = torch.from_numpy(np.stack(yb).astype(np.int64))
+    logits = net.logits(x)
+    loss = F.cross_entropy(logits, y) + dice_loss(logits, y.float())
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    schedule.step()
+    return loss
 
 
 def train_unet(
-    train: tuple[np.ndarray | Sequence[np.ndarray], np.ndarray | Sequence[np.ndarray]],
-    val: tuple[np.ndarray | Sequence[np.ndarray], np.ndarray | Sequence[np.ndarray]] | None,
+    train: tuple[ImageSet, ImageSet],
+    val: tuple[ImageSet, ImageSet] | None,
     config: UNetTrainingConfig,
     *,
     progress: bool = True,
@@ -211,72 +285,48 @@ def train_unet(
     if config.threads:
         torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
-    images = [np.asarray(x, np.float32) for x in train[0]]
-    masks = [np.asarray(m).astype(bool) for m in train[1]]
-    val_images = [np.asarray(x, np.float32) for x in val[0]] if val is not None else []
-    val_masks = [np.asarray(m).astype(bool) for m in val[1]] if val is not None else []
+    data, val_data = _as_lists(train), _as_lists(val)
     net = build_net(config.architecture, config.widths)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     # decaying the rate steadies batch-norm statistics late in training, so validation Dice stops swinging
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.max_steps, eta_min=config.learning_rate / 20)
-    best, best_step, best_state, stale, history, first = -1.0, None, None, 0, [], 1
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.max_steps,
+                                                          eta_min=config.learning_rate / 20)
+    run, step = _Progress(), 0
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, config, net, optimiser, schedule, rng)
-        best, best_step, best_state, stale, history = state["best"], state["best_step"], state["best_state"], state["stale"], state["history"]
-        first = state["step"] + 1
-        log.info("resuming from %s at step %d (best validation Dice %.4f)", checkpoint, first, best)
+        step, run = _load_checkpoint(checkpoint, config, net, optimiser, schedule, rng)
+        log.info("resuming from %s at step %d (best validation Dice %.4f)", checkpoint, step + 1, run.best)
     start = time.perf_counter()
-    step = first - 1
     last = min(config.max_steps, until_step or config.max_steps)
-    bar = tqdm(range(first, last + 1), desc=desc, disable=not progress, unit="step", initial=first - 1, total=config.max_steps)
+    bar = tqdm(range(step + 1, last + 1), desc=desc, disable=not progress, unit="step", initial=step,
+               total=config.max_steps)
     for step in bar:
-        net.train()
-        xb, yb = [], []
-        for _ in range(config.batch_size):
-            i = int(rng.integers(len(images)))
-            x, y = _random_crop(rng, images[i], masks[i], config.crop, config.augment)
-            xb.append(x)
-            yb.append(y)
-        x = torch.from_numpy(np.stack(xb)[:, None])
-        y = torch.from_numpy(np.stack(yb).astype(np.int64))
-        logits = net.logits(x)
-        loss = F.cross_entropy(logits, y) + dice_loss(logits, y.float())
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+        loss = _train_step(net, optimiser, schedule, rng, data, config)
         evaluate = step % config.eval_every == 0 or step == config.max_steps
         if not evaluate and step != last:
             continue
-        stop = False
-        if evaluate:
-            last_loss = loss.item()
-            entry = {"step": step, "loss": round(last_loss, 5)}
-            if val_images:
-                dice = dice_score(predict_images(net, val_images), val_masks)
-                entry["val_dice"] = dice
-                bar.set_postfix(loss=f"{last_loss:.3f}", val_dice=f"{dice:.3f}")
-                log.info("step %d: loss %.4f, validation Dice %.4f", step, last_loss, dice)
-                if dice > best + config.min_delta:
-                    best, best_step, stale = dice, step, 0
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                else:
-                    stale += 1
-                    stop = stale >= config.patience
-            else:
-                bar.set_postfix(loss=f"{last_loss:.3f}")
-                log.info("step %d: loss %.4f", step, last_loss)
-            history.append(entry)
+        stop = evaluate and run.evaluate(step, loss.item(), net, val_data, config, bar)
         # off the evaluation grid only when stopping at until_step: save without evaluating, so a
         # resumed run makes exactly the decisions an uninterrupted one would
         if checkpoint is not None:
-            save_checkpoint(checkpoint, net=net, best_state=best_state, optimiser=optimiser, schedule=schedule, rng=rng, config=config,
-                            step=step, best=best, best_step=best_step, stale=stale, history=history)
+            _save_checkpoint(checkpoint, net=net, progress=run, optimiser=optimiser, schedule=schedule, rng=rng,
+                             config=config, step=step)
         if stop:
-            log.info("early stop at step %d: no validation gain in %d evaluations", step, stale)
+            log.info("early stop at step %d: no validation gain in %d evaluations", step, run.stale)
             break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    return TrainingResult(net.eval(), best if val_images else None, step, time.perf_counter() - start, history,
-                          best_step if val_images else None)
+    if run.best_state is not None:
+        net.load_state_dict(run.best_state)
+    validated = bool(val_data[0])
+    return TrainingResult(net.eval(), run.best if validated else None, step, time.perf_counter() - start, run.history,
+                          run.best_step if validated else None)
+
+
+def evaluate_net(net: nn.Module, data: PreparedSet, threshold: float = 0.5) -> tuple[PixelCounts, list[PixelCounts]]:
+    """Pooled and per-image confusion counts of ``net`` on a prepared set.
+
+    >>> pooled, per_image = evaluate_net(result.net, prepared.subset(test_names))  # doctest: +SKIP
+    >>> segmentation_metrics(pooled)["dice"]  # doctest: +SKIP
+    0.91
+    """
+    per_image = [PixelCounts.of(p >= threshold, m) for p, m in zip(predict_images(net, data.images), data.masks)]
+    return sum(per_image, PixelCounts()), per_image

@@ -1,0 +1,195 @@
+"""What every command shares: the exit codes, the error lines, progress, and the options that must agree.
+
+The error policy itself lives in `latticewatch.cli.main`: a command raises a
+`~latticewatch.errors.LatticewatchError` (or an `OSError` on a path the user named) and ``main``
+turns it into one ``error: <message>`` line on stderr and `EXIT_USAGE`. Commands return
+`EXIT_SOME_FAILED` when they did their work but some files or frames failed; each failure has
+already been printed as an ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latticewatch.errors import ConfigError
+from latticewatch.frame import MIN_SIDE_PX
+
+if TYPE_CHECKING:  # the parser is built for every command; the batch path is imported only to run one
+    from latticewatch.runtime.batch import Failure
+
+#: Everything asked for was done.
+EXIT_OK = 0
+#: Done, but some files or frames failed; each is named on stderr (and in ``--json``).
+EXIT_SOME_FAILED = 1
+#: Nothing (more) was done: a user error — an option, a file, a profile, a config — named on stderr.
+EXIT_USAGE = 2
+
+DEFAULT_PROFILE = "nanoparticles"
+BASELINE_NAMES = ("otsu", "fourier", "bragg")
+
+
+def error(message: object) -> None:
+    """Print ``error: <message>`` on stderr (a message of several problems: one line each).
+
+    Examples
+    --------
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     error("a.toml: runtime.queue_size: must be >= 1")
+    >>> err.getvalue()
+    'error: a.toml: runtime.queue_size: must be >= 1\\n'
+    """
+    for line in str(message).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def describe(err: BaseException) -> str:
+    """The message of an error for a person: an `OSError` as ``<path>: <reason>``.
+
+    >>> describe(FileNotFoundError(2, "No such file or directory", "x.mrc"))
+    'x.mrc: No such file or directory'
+    """
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def fail(err: BaseException) -> int:
+    """The one error policy: ``error: <message>`` on stderr; returns `EXIT_USAGE`."""
+    error(describe(err))
+    return EXIT_USAGE
+
+
+def report_failure(failure: Failure) -> None:
+    """Print one failed file or frame as it happens (``Batch(on_failure=report_failure)``)."""
+    error(failure.error)
+
+
+def exit_code(failures: list) -> int:
+    """`EXIT_SOME_FAILED` when anything failed, else `EXIT_OK`."""
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def progress_enabled() -> bool:
+    """Progress bars go to stderr, and only when it is a terminal (never into a log file)."""
+    return sys.stderr.isatty()
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, for the manifests and data sets that record how they were made, with its
+    absolute paths made relative (`latticewatch.models.manifest.recorded_command`) to the data set it read:
+    the folder holding ``--images``, the data set of a ``--crops`` index (``DIR/crops/index.csv``), or
+    the folder of an imported weight file."""
+    from latticewatch.models.manifest import recorded_command
+
+    dataset = None
+    if getattr(args, "images", None) is not None:
+        dataset = Path(args.images).parent
+    elif getattr(args, "crops", None) is not None:
+        dataset = Path(args.crops).parent.parent
+    elif isinstance(getattr(args, "file", None), Path):
+        dataset = args.file.parent
+    return recorded_command(getattr(args, "argv", None) or [], dataset)
+
+
+@contextlib.contextmanager
+def needs_extra(what: str, extra: str = "train", package: str = "torch") -> Iterator[None]:
+    """Turn an `ImportError` inside the block into ``<what> needs the [<extra>] extra``.
+
+    Examples
+    --------
+    >>> with needs_extra("models import-keras"):  # doctest: +SKIP
+    ...     import torch
+    Traceback (most recent call last):
+    ...
+    latticewatch.errors.ConfigError: models import-keras needs the [train] extra: pip install '.[train]' (torch ...)
+    """
+    try:
+        yield
+    except ImportError as err:
+        raise ConfigError(f"{what} needs the [{extra}] extra: pip install '.[{extra}]' "
+                          f"({package} cannot be imported: {err})") from err
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def frame_side(text: str) -> int:
+    """A frame side the analyser accepts (``bench --sizes``, ``demo --size``)."""
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame side in pixels, got {text!r}") from None
+    if side < MIN_SIDE_PX:
+        raise argparse.ArgumentTypeError(f"frame side must be at least {MIN_SIDE_PX} px, got {side}")
+    return side
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (``--pixel-size-nm``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts: ``--repeats``, ``--frames``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_profile(p: argparse.ArgumentParser, *, text: str = "installed profile name or profile directory") -> None:
+    """``--profile``, with the same default in every command."""
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"{text} (default: %(default)s)")
+
+
+def add_threads(p: argparse.ArgumentParser, what: str = "inference threads") -> None:
+    """``--threads``: ``None`` lets the backend use every usable core."""
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=f"{what} (default: all usable cores)")
+
+
+def add_batch_options(p: argparse.ArgumentParser) -> None:
+    """``--permissive`` and ``--calibration``: how the batch path reads files."""
+    p.add_argument("--permissive", action="store_true",
+                   help="warn and guess on inconsistent headers instead of failing")
+    p.add_argument("--calibration", type=Path, default=None, metavar="TOML",
+                   help="instrument calibration (magnification → pixel size) for frames whose files carry no "
+                   "pixel size")
+
+
+def add_baselines(p: argparse.ArgumentParser, default: tuple[str, ...], text: str) -> None:
+    """``--baselines NAME [NAME ...]`` (commas accepted too, ``none`` for none): the same in every command.
+
+    The names are checked when the command runs (`baseline_names`), so building the parser imports
+    no training code.
+    """
+    p.add_argument("--baselines", nargs="+", default=list(default) or ["none"], metavar="NAME",
+                   help=f"{text}: {', '.join(BASELINE_NAMES)}, or none; space- or comma-separated "
+                   f"(default: {' '.join(default) or 'none'})")
+
+
+def baseline_names(values: list[str]) -> list[str]:
+    """The baselines asked for with ``--baselines``: names in order, ``none`` → none.
+
+    Examples
+    --------
+    >>> baseline_names(["otsu,bragg"]), baseline_names(["otsu", "bragg"]), baseline_names(["none"])
+    (['otsu', 'bragg'], ['otsu', 'bragg'], [])
+    """
+    from latticewatch.training.assess.evaluate import parse_baselines
+
+    return parse_baselines(",".join(values))
