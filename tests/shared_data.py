@@ -22,5 +22,5 @@ def shared_data(name: str, marker: str = "") -> Path:
 def requires(name: str, marker: str = ""):
     """A skip mark for whole modules or parametrised tests that need ``name/marker``."""
     path = SHARED_DATA / name
-    return pytest.mark.skipif(not (path / marker).exists(),
-                              reason=f"shared data set {name!r} not found in {SHARED_DATA} (set LATTICEWATCH_SHARED_DATA)")
+    missing = f"shared data set {name!r} not found in {SHARED_DATA} (set LATTICEWATCH_SHARED_DATA)"
+    return pytest.mark.skipif(not (path / marker).exists(), reason=missing)

@@ -24,11 +24,13 @@ def test_every_shipped_calibration_file_validates(path):
 
 def test_errors_name_the_file_and_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('instrument = "x"\ncamera = "y"\nsource = "z"\n[[steps]]\nmagnification = -1\npixel_size_nm = 0.02\n')
+    bad.write_text('instrument = "x"\ncamera = "y"\nsource = "z"\n'
+                   '[[steps]]\nmagnification = -1\npixel_size_nm = 0.02\n')
     with pytest.raises(CalibrationError, match=r"bad.toml: steps.0.magnification: Input should be greater than 0"):
         load_calibration(bad)
     dup = tmp_path / "dup.toml"
-    dup.write_text('instrument = "x"\ncamera = "y"\nsource = "z"\n[[steps]]\nmagnification = 1e6\npixel_size_nm = 0.02\n'
+    dup.write_text('instrument = "x"\ncamera = "y"\nsource = "z"\n'
+                   '[[steps]]\nmagnification = 1e6\npixel_size_nm = 0.02\n'
                    '[[steps]]\nmagnification = 1.001e6\npixel_size_nm = 0.03\n')
     with pytest.raises(CalibrationError, match="same step"):
         load_calibration(dup)

@@ -3,8 +3,8 @@
 import pytest
 
 from latticewatch.cli import main
-from latticewatch.errors import ConfigError
 from latticewatch.config import FolderSourceConfig, load_config, parse_config
+from latticewatch.errors import ConfigError
 
 
 def test_defaults_are_safe():
@@ -19,12 +19,14 @@ def test_defaults_are_safe():
     ({"profle": "x"}, "profle: unknown key; allowed here: profile, data_dir, calibration, runtime, archive, "),
     ({"events": {"address": "127.0.0.1:5557"}}, "events.address: must be a ZeroMQ endpoint"),
     ({"events": {"high_water_mark": 0}}, "events.high_water_mark: Input should be greater than or equal to 1"),
-    ({"events": {"adress": "x"}}, "events.adress: unknown key; allowed here: enabled, address, high_water_mark, status_interval_s"),
+    ({"events": {"adress": "x"}},
+     "events.adress: unknown key; allowed here: enabled, address, high_water_mark, status_interval_s"),
     ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
     ({"metrics": {"rolling_frames": 0}}, "metrics.rolling_frames: Input should be greater than or equal to 1"),
     ({"runtime": {"runner": "fast"}}, "runtime.runner: Input should be 'pipelined' or 'inline'"),
     ({"runtime": {"budget_ms": 0}}, "runtime.budget_ms: Input should be greater than 0"),
-    ({"sources": {"a": {"kind": "folder", "settle": 1}}}, "sources.a.settle: unknown key; allowed here: kind, path, polling"),
+    ({"sources": {"a": {"kind": "folder", "settle": 1}}},
+     "sources.a.settle: unknown key; allowed here: kind, path, polling"),
     ({"sources": {"a": {"kind": "zmq", "socket": "push"}}}, "sources.a.socket: Input should be 'pull' or 'sub'"),
     ({"sources": {"a": {"kind": "zmq", "address": "127.0.0.1:5"}}}, "sources.a.address: must be a ZeroMQ endpoint"),
     ({"sources": {"a": {"kind": "ftp"}}}, "sources.a.kind: unknown source kind 'ftp'; allowed: folder, zmq"),
@@ -56,7 +58,8 @@ def test_file_paths_are_relative_to_the_file_and_check_config(tmp_path, capsys):
     assert config.archive.enabled and config.archive_root == tmp_path / "data" / "archive"
     cal = tmp_path / "cal" / "scope.toml"
     cal.parent.mkdir()
-    cal.write_text('instrument = "X"\ncamera = "Y"\nsource = "test"\n[[steps]]\nmagnification = 1e6\npixel_size_nm = 0.02\n')
+    cal.write_text('instrument = "X"\ncamera = "Y"\nsource = "test"\n'
+                   '[[steps]]\nmagnification = 1e6\npixel_size_nm = 0.02\n')
     cfg.write_text('calibration = "cal/scope.toml"\n[archive]\nroot = "arc"\npolicy = "quantize:4"\n')
     config = load_config(cfg)
     assert (config.calibration, config.archive_root, config.archive.policy) == (cal, tmp_path / "arc", "quantize:4")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from latticewatch.frame import Frame
 from latticewatch.errors import ConfigError
+from latticewatch.frame import Frame
 
 #: Magnifications closer than this (relative) are the same step: headers round differently.
 MAGNIFICATION_TOLERANCE = 0.005

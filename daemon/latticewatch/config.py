@@ -94,7 +94,7 @@ def _zmq_endpoint(value: str) -> str:
 
 ZmqEndpoint = Annotated[str, AfterValidator(_zmq_endpoint)]
 
-log = logging.getLogger("latticewatch.config")
+log = logging.getLogger(__name__)
 
 #: Hosts that only this machine can reach: the only ones a default config ever binds.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -221,8 +221,10 @@ class DashboardConfig(_Strict):
         path = Path(value)
         if not value or value.endswith(("/", "\\")) or (not path.is_absolute() and len(path.parts) != 1):
             raise ValueError("must be a file name (written next to each frame's file) or an absolute path")
-        if path.name.startswith(".") or path.suffix.lower() in (".mrc", ".st", ".tif", ".tiff", ".mdoc", ".dm4", ".dm3", ".emd", ".ser", ".png"):
-            raise ValueError("must not be a dotfile or a micrograph suffix (the folder source would pick it up); use e.g. latticewatch_verdict.json")
+        micrograph = (".mrc", ".st", ".tif", ".tiff", ".mdoc", ".dm4", ".dm3", ".emd", ".ser", ".png")
+        if path.name.startswith(".") or path.suffix.lower() in micrograph:
+            raise ValueError("must not be a dotfile or a micrograph suffix (the folder source would pick it up); "
+                             "use e.g. latticewatch_verdict.json")
         return value
 
 
@@ -287,7 +289,8 @@ def _describe(err: ValidationError, *, model: type[BaseModel], prefix: str = "")
             lines.append(f"{key}: unknown key; allowed here: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}")
+            shown = "input" in e and not isinstance(e["input"], dict)
+            lines.append(f"{key}: {msg} (got {e['input']!r})" if shown else f"{key}: {msg}")
     return lines
 
 

@@ -34,6 +34,7 @@ import struct
 import bitshuffle
 import lz4.block
 import numpy as np
+
 from latticewatch.errors import InputError
 
 #: Header of the HDF5-style framings: total decompressed bytes, block size in bytes.

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from latticewatch_dectris import codecs
 from latticewatch.errors import InputError
+from latticewatch_dectris import codecs
 
 
 class MessageError(InputError):
@@ -93,6 +93,7 @@ class SeriesEnd:
     series: int
 
 
+#: What one message of either protocol version means.
 Message = SeriesStart | EncodedImage | SeriesEnd
 
 
@@ -100,7 +101,8 @@ def check_pixels(rows: int, cols: int, max_pixels: int, series: int | None, fram
     """Refuse images larger than the configured limit before anything is allocated for them."""
     if rows * cols > max_pixels:
         raise MessageError(
-            f"image of {cols}×{rows} pixels exceeds max_pixels = {max_pixels}; raise the option if this detector is that large",
+            f"image of {cols}×{rows} pixels exceeds max_pixels = {max_pixels}; "
+            "raise the option if this detector is that large",
             series,
             frame,
         )

@@ -18,13 +18,14 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from latticewatch.errors import ConfigError
 from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import SkipFn, StopFlag
 from latticewatch.sources.zmq_stream import pack_parts
 from latticewatch_dectris import v1, v2
-from latticewatch_dectris.messages import EncodedImage, MessageError, SeriesEnd, SeriesStart
+from latticewatch_dectris.messages import EncodedImage, Message, MessageError, SeriesEnd, SeriesStart
 
-log = logging.getLogger("latticewatch.dectris.source")
+log = logging.getLogger(__name__)
 
 #: Where a detector's stream interface listens, by protocol version (on the detector's DCU).
 DETECTOR_PORTS = {"v1": 9999, "v2": 31001}
@@ -189,18 +190,20 @@ class DectrisSource:
                 self._track(err.series, err.frame)
             return self._reject(err, parts)
 
-    def _parse(self, parts: Sequence[memoryview]) -> SeriesStart | EncodedImage | SeriesEnd:
+    def _parse(self, parts: Sequence[memoryview]) -> Message:
         if self.options.protocol == "v1":
             if len(parts) == 1 and bytes(parts[0][:3]) == v2.MAGIC:
                 raise MessageError('a stream v2 (CBOR) message: this detector needs protocol = "v2"')
             return v1.parse(parts, self.options.max_pixels)
         if len(parts) != 1:
-            raise MessageError(f'a {len(parts)}-part message: stream v2 sends one part; a stream v1 detector needs protocol = "v1"')
+            raise MessageError(f"a {len(parts)}-part message: stream v2 sends one part; "
+                               'a stream v1 detector needs protocol = "v1"')
         return v2.parse(parts[0], self.options.max_pixels, self.options.channel)
 
     def _start(self, start: SeriesStart) -> None:
         if self._series is not None:
-            log.warning("%s: series %s had no end message before series %s started", self.name, self._series.series, start.series)
+            log.warning("%s: series %s had no end message before series %s started", self.name, self._series.series,
+                        start.series)
         self.series_start = start
         self._series = _Series(start.series, start, next_frame=0)
         self.counters["series_started"] += 1
@@ -217,7 +220,8 @@ class DectrisSource:
         state = self._series
         if state is None or state.series != series:
             log.warning(
-                "%s: images of series %s arrive without its start message (joined mid-series, or the start was lost): detector settings unknown, gaps counted from here",
+                "%s: images of series %s arrive without its start message (joined mid-series, or the start was "
+                "lost): detector settings unknown, gaps counted from here",
                 self.name,
                 series,
             )
@@ -229,7 +233,8 @@ class DectrisSource:
             log.warning("%s: series %s: %d frame(s) missing before frame %d", self.name, series, missing, frame)
         elif state.next_frame is not None and frame < state.next_frame:
             self.counters["out_of_order"] += 1
-            log.warning("%s: series %s: frame %d arrived after frame %d (repeated or out of order)", self.name, series, frame, state.next_frame - 1)
+            log.warning("%s: series %s: frame %d arrived after frame %d (repeated or out of order)", self.name, series,
+                        frame, state.next_frame - 1)
         state.next_frame = frame + 1 if state.next_frame is None else max(state.next_frame, frame + 1)
         state.received += 1
         return missing
@@ -266,7 +271,8 @@ class DectrisSource:
         if self.options.pixel_size_nm is None and not self._said_pixel_size:
             self._said_pixel_size = True
             log.warning(
-                "%s: pixel_size_nm is not set; the stream gives only the detector pixel pitch, not the sample-plane size, so frames carry no pixel size",
+                "%s: pixel_size_nm is not set; the stream gives only the detector pixel pitch, not the sample-plane "
+                "size, so frames carry no pixel size",
                 self.name,
             )
         self.counters["frames"] += 1
@@ -295,7 +301,7 @@ def make_source(options: dict[str, Any]) -> DectrisSource:
 
     Raises
     ------
-    ValueError
+    ConfigError
         Naming each bad key and what it allows.
 
     Examples
@@ -307,4 +313,4 @@ def make_source(options: dict[str, Any]) -> DectrisSource:
         return DectrisSource(DectrisOptions.model_validate(options))
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"dectris source: {problems}") from err
+        raise ConfigError(f"dectris source: {problems}") from err

@@ -45,9 +45,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from latticewatch.io.jsonio import parse_timestamp
-from latticewatch_dectris.messages import EncodedImage, MessageError, SeriesEnd, SeriesStart, check_pixels
+from latticewatch_dectris.messages import EncodedImage, Message, MessageError, SeriesEnd, SeriesStart, check_pixels
 
-log = logging.getLogger("latticewatch.dectris.v1")
+log = logging.getLogger(__name__)
 
 #: Pixel types a v1 image may declare.
 IMAGE_TYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -136,7 +136,7 @@ _HEADER_ARRAYS = {
 }
 
 
-def parse(parts: Sequence[bytes | memoryview], max_pixels: int) -> SeriesStart | EncodedImage | SeriesEnd:
+def parse(parts: Sequence[bytes | memoryview], max_pixels: int) -> Message:
     """Interpret one v1 multipart message.
 
     Parameters
@@ -148,7 +148,9 @@ def parse(parts: Sequence[bytes | memoryview], max_pixels: int) -> SeriesStart |
 
     Returns
     -------
-    SeriesStart | EncodedImage | SeriesEnd
+    Message
+        `SeriesStart` for ``dheader-1.0``, `EncodedImage` for ``dimage-1.0``, `SeriesEnd` for
+        ``dseries_end-1.0``.
 
     Raises
     ------
@@ -183,7 +185,8 @@ def _parse_header(parts: Sequence[bytes | memoryview]) -> SeriesStart:
     arrays: dict[str, np.ndarray] = {}
     if header.header_detail in ("basic", "all"):
         if not rest:
-            raise MessageError(f"header_detail {header.header_detail!r} without the detector configuration part", header.series)
+            raise MessageError(f"header_detail {header.header_detail!r} without the detector configuration part",
+                               header.series)
         config = _json_object(rest.pop(0), "detector configuration (part 2)", header.series)
     if header.header_detail == "all":
         while len(rest) >= 2 and _is_array_header(rest[0]):
@@ -200,7 +203,8 @@ def _parse_header(parts: Sequence[bytes | memoryview]) -> SeriesStart:
             raise MessageError(f"header_detail 'all' without {', '.join(missing)}", header.series)
     if len(rest) > 1:
         raise MessageError(
-            f"dheader-1.0 ({header.header_detail}) has {len(rest)} unexpected trailing parts; at most one header appendix may follow",
+            f"dheader-1.0 ({header.header_detail}) has {len(rest)} unexpected trailing parts; "
+            "at most one header appendix may follow",
             header.series,
         )
     return SeriesStart(
@@ -220,18 +224,21 @@ def _parse_image(parts: Sequence[bytes | memoryview], max_pixels: int) -> Encode
     image = _model(DImage, parts[0], "dimage-1.0")
     series, frame = image.series, image.frame
     if len(parts) not in (4, 5):
-        raise MessageError(f"image message has {len(parts)} parts; expected 4 (5 with an image appendix)", series, frame)
+        raise MessageError(f"image message has {len(parts)} parts; expected 4 (5 with an image appendix)", series,
+                           frame)
     descriptor = _model(DImageD, parts[1], "dimage_d-1.0 (part 2)", series, frame)
     timing = _model(DConfig, parts[3], "dconfig-1.0 (part 4)", series, frame)
     dtype = IMAGE_TYPES.get(descriptor.type)
     if dtype is None:
-        raise MessageError(f"unknown image type {descriptor.type!r}; expected one of {', '.join(IMAGE_TYPES)}", series, frame)
+        raise MessageError(f"unknown image type {descriptor.type!r}; expected one of {', '.join(IMAGE_TYPES)}",
+                           series, frame)
     codec = _codec(descriptor.encoding, dtype, series, frame)
     x, y = descriptor.shape
     check_pixels(y, x, max_pixels, series, frame)
     blob = parts[2]
     if descriptor.size is not None and descriptor.size != len(blob):
-        raise MessageError(f"dimage_d-1.0 says size {descriptor.size} but the data part has {len(blob)} bytes", series, frame)
+        raise MessageError(f"dimage_d-1.0 says size {descriptor.size} but the data part has {len(blob)} bytes",
+                           series, frame)
     meta: dict[str, Any] = {
         "protocol": "dectris-stream-v1",
         "series": series,
@@ -267,7 +274,8 @@ def _header_array(header: DArrayHeader, data: bytes | memoryview, series: int) -
         raise MessageError(f"{header.htype}: unknown type {header.type!r}", series)
     need = math.prod(header.shape) * dtype.itemsize
     if len(data) != need:
-        raise MessageError(f"{header.htype}: {len(data)} bytes of data for shape {list(header.shape)} {header.type} ({need} bytes)", series)
+        raise MessageError(f"{header.htype}: {len(data)} bytes of data for shape {list(header.shape)} {header.type} "
+                           f"({need} bytes)", series)
     # Shapes are fast axis first; numpy wants the slow axis first.
     return np.frombuffer(data, dtype=dtype).reshape(header.shape[::-1]).astype(dtype.newbyteorder("="))
 
@@ -299,7 +307,8 @@ def _collection_date(config: dict[str, Any], series: int) -> datetime | None:
         return None
 
 
-def _json_object(part: bytes | memoryview, what: str, series: int | None = None, frame: int | None = None) -> dict[str, Any]:
+def _json_object(part: bytes | memoryview, what: str, series: int | None = None,
+                 frame: int | None = None) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(part))
     except (ValueError, UnicodeDecodeError) as err:
@@ -309,7 +318,8 @@ def _json_object(part: bytes | memoryview, what: str, series: int | None = None,
     return obj
 
 
-def _model(model: type[_Part], part: bytes | memoryview, what: str, series: int | None = None, frame: int | None = None):
+def _model(model: type[_Part], part: bytes | memoryview, what: str, series: int | None = None,
+           frame: int | None = None):
     try:
         return model.model_validate_json(bytes(part))
     except ValidationError as err:

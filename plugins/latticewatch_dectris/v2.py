@@ -23,9 +23,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from latticewatch_dectris import codecs
-from latticewatch_dectris.messages import EncodedImage, MessageError, SeriesEnd, SeriesStart, check_pixels
+from latticewatch_dectris.messages import EncodedImage, Message, MessageError, SeriesEnd, SeriesStart, check_pixels
 
-log = logging.getLogger("latticewatch.dectris.v2")
+log = logging.getLogger(__name__)
 
 #: RFC 8949 self-described CBOR: every stream v2 message begins with these bytes.
 MAGIC = b"\xd9\xd9\xf7"
@@ -102,7 +102,7 @@ class V2End(_Message):
     series_unique_id: StrictStr = ""
 
 
-def parse(message: bytes | memoryview, max_pixels: int, channel: str | None = None) -> SeriesStart | EncodedImage | SeriesEnd:
+def parse(message: bytes | memoryview, max_pixels: int, channel: str | None = None) -> Message:
     """Interpret one v2 message.
 
     Parameters
@@ -117,7 +117,8 @@ def parse(message: bytes | memoryview, max_pixels: int, channel: str | None = No
 
     Returns
     -------
-    SeriesStart | EncodedImage | SeriesEnd
+    Message
+        `SeriesStart`, `EncodedImage` or `SeriesEnd` for a ``start``, ``image`` or ``end`` message.
 
     Raises
     ------
@@ -159,8 +160,10 @@ def _parse_start(start: V2Start, obj: Mapping[str, Any], max_pixels: int, channe
             arrays[name] = _decode_array(codec, payload, dtype, shape[0] * shape[1], name, series).reshape(shape)
     table = start.countrate_correction_lookup_table
     if table is not None:
-        dtype, codec, payload = _typed_array(table, "countrate_correction_lookup_table", series, None)
-        arrays["countrate_table"] = _decode_array(codec, payload, dtype, _element_count(codec, payload, dtype, series), "countrate_correction_lookup_table", series)
+        what = "countrate_correction_lookup_table"
+        dtype, codec, payload = _typed_array(table, what, series, None)
+        count = _element_count(codec, payload, dtype, series)
+        arrays["countrate_table"] = _decode_array(codec, payload, dtype, count, what, series)
     return SeriesStart(
         series=series,
         header_detail="all" if arrays else "basic",
@@ -214,7 +217,8 @@ def _multidim(
     """Shape, element type, codec and payload of a tag-40 array (an image, flatfield or mask)."""
     if not isinstance(value, cbor2.CBORTag) or value.tag != TAG_MULTIDIM:
         found = f"tag {value.tag}" if isinstance(value, cbor2.CBORTag) else type(value).__name__
-        raise MessageError(f"{what}: expected a row-major multi-dimensional array (tag 40), found {found}", series, frame)
+        raise MessageError(f"{what}: expected a row-major multi-dimensional array (tag 40), found {found}", series,
+                           frame)
     if not isinstance(value.value, (list, tuple)) or len(value.value) != 2:
         raise MessageError(f"{what}: tag 40 must hold [dimensions, typed array]", series, frame)
     dims, typed = value.value
@@ -246,9 +250,11 @@ def _typed_array(value: Any, what: str, series: int, frame: int | None) -> tuple
         if codec is None:
             raise MessageError(f"{what}: unknown compression {algorithm!r}; expected bslz4 or lz4", series, frame)
         if codec == "bslz4" and modifier != dtype.itemsize:
-            raise MessageError(f"{what}: bslz4 element size {modifier!r} does not match {dtype.itemsize}-byte elements", series, frame)
+            raise MessageError(f"{what}: bslz4 element size {modifier!r} does not match {dtype.itemsize}-byte elements",
+                               series, frame)
         return dtype, codec, data
-    raise MessageError(f"{what}: typed array holds neither a byte string nor a tag-56500 compressed string", series, frame)
+    raise MessageError(f"{what}: typed array holds neither a byte string nor a tag-56500 compressed string", series,
+                       frame)
 
 
 def _typed_array_dtype(tag: int, what: str, series: int, frame: int | None) -> np.dtype:

@@ -169,3 +169,14 @@ def test_exit_codes_and_error_lines_are_defined_once():
         if path.name != "common.py":
             assert not re.search(r"^EXIT_\w+\s*[,=]", text, re.MULTILINE), path.name
             assert not re.search(r"print\(f?[\"']error:", text), path.name
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    """``latticewatch … --json | head``: the closed pipe ends the command quietly, exit 0."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "au_particles_0001.mrc"
+    command = [sys.executable, "-m", "latticewatch", "process", str(example), "--out", str(tmp_path), "--json"]
+    producer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer.stdout.close()  # the reader is gone before the summary is written (analysis takes seconds)
+    stderr = producer.stderr.read().decode()
+    assert producer.wait(120) == 0, stderr
+    assert "error" not in stderr and "Traceback" not in stderr

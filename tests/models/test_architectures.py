@@ -8,7 +8,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from latticewatch.models import architectures  # noqa: E402
-from latticewatch.models.architectures import ARCHITECTURES, ArchitectureError, build_net, check, divisor, receptive_field  # noqa: E402
+from latticewatch.models.architectures import (  # noqa: E402
+    ARCHITECTURES,
+    ArchitectureError,
+    build_net,
+    check,
+    divisor,
+    receptive_field,
+)
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from latticewatch.models.export import export_onnx, torch_probability  # noqa: E402
 

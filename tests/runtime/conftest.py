@@ -1,4 +1,4 @@
-"""A small profile for runtime tests: the randomly initialised U-Net, no forest.
+"""A small profile for runtime tests (the randomly initialised U-Net, no forest), their frames and a ledger.
 
 Runtime tests check plumbing (exactly once, quarantine, resume), not accuracy, so they do not
 wait for or depend on the trained shipped profile.
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from latticewatch.models.manifest import sha256_of
+from latticewatch.runtime.ledger import Ledger
 from latticewatch.testing.synthetic.frames import generate_frame
 
 
@@ -33,6 +34,14 @@ def analyser(profile_dir):
     from latticewatch.runtime.analyser import Analyser
 
     return Analyser(profile_dir, threads=1)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    """An empty ledger in ``tmp_path``, closed after the test."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from latticewatch.frame import CLASSES, Frame
 from latticewatch.errors import FrameError
+from latticewatch.frame import CLASSES, Frame
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.testing.synthetic.frames import generate_frame
 
@@ -16,7 +16,8 @@ def analyser():
 
 @pytest.fixture(scope="module")
 def sample():
-    return generate_frame(np.random.default_rng(7), shape=(1024, 1024), pixel_size_nm=0.025, n_particles=6, dose_range=(100.0, 150.0))
+    return generate_frame(np.random.default_rng(7), shape=(1024, 1024), pixel_size_nm=0.025, n_particles=6,
+                          dose_range=(100.0, 150.0))
 
 
 def dice(a, b):

@@ -12,9 +12,9 @@ import sys
 import threading
 import time
 
-
 from latticewatch.sinks.archive import ArchiveReader
 from latticewatch.testing.replay import SerialEMStack
+from waiting import wait_until
 
 N_SECTIONS = 24
 
@@ -28,15 +28,6 @@ def frame_events(events_path):
     if not events_path.exists():
         return []
     return [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_path, profile_dir, synthetic_images):

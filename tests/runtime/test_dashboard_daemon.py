@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from latticewatch.testing.replay import replay, source_frames
+from waiting import wait_until
 
 N_FRAMES = 6
 
@@ -30,16 +31,9 @@ def get_json(url):
         return json.load(r)
 
 
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for_dashboard(predicate, timeout, what):
+    """`wait_until` on a server that may not answer yet, or a file caught mid-write: both mean "not yet"."""
+    return wait_until(predicate, timeout, what, ignore=(OSError, ValueError), interval=0.2)
 
 
 @pytest.fixture
@@ -69,8 +63,8 @@ def daemon(tmp_path):
                to_folder=incoming, serialem_stack=stack)
 
     try:
-        wait_until(lambda: urllib.request.urlopen(url + "/healthz", timeout=2).status == 200, 60,
-                   "the dashboard to listen")
+        wait_for_dashboard(lambda: urllib.request.urlopen(url + "/healthz", timeout=2).status == 200, 60,
+                           "the dashboard to listen")
         yield url, incoming, feed
     finally:
         proc.terminate()
@@ -89,21 +83,23 @@ def test_verdict_api_and_state_over_http_from_a_running_daemon(daemon):
     assert err.value.code == 503 and json.load(err.value)["verdict"] is None
     (incoming / "broken.mrc").write_bytes(b"MRC? no." * 200)
     feed(N_FRAMES, 0, "grid1.mrc")
-    wait_until(lambda: get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120,
-               "every frame on the dashboard")
+    wait_for_dashboard(lambda: get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120,
+                       "every frame on the dashboard")
     verdict = get_json(url + "/api/verdict/latest")
     assert set(verdict) >= {"frame_id", "particle_count", "coverage", "defect_fraction", "verdict", "rule"}
     assert verdict["frame_id"].endswith(f"grid1.mrc#{N_FRAMES - 1}")
     assert verdict["verdict"] == "skip" and "particle_count < 1000000" in verdict["rule"]  # the configured rule
-    wait_until(lambda: json.loads((incoming / "lw_verdict.json").read_text())["frame_id"] == verdict["frame_id"], 30,
-               "the verdict file next to the stack")
+    def verdict_file_id():
+        return json.loads((incoming / "lw_verdict.json").read_text())["frame_id"]
+
+    wait_for_dashboard(lambda: verdict_file_id() == verdict["frame_id"], 30, "the verdict file next to the stack")
     state = get_json(url + "/api/state")
     assert len(state["series"]) == N_FRAMES
-    wait_until(lambda: get_json(url + "/api/state")["totals"]["errors"] >= 1, 30,
-               "the broken file among the recent errors")
+    wait_for_dashboard(lambda: get_json(url + "/api/state")["totals"]["errors"] >= 1, 30,
+                       "the broken file among the recent errors")
     errors = get_json(url + "/api/state")["errors"]
     assert any("broken.mrc" in (e["frame_id"] or "") for e in errors)
-    wait_until(lambda: get_json(url + "/api/state")["latency"]["p50_s"] is not None, 30, "runner latencies")
+    wait_for_dashboard(lambda: get_json(url + "/api/state")["latency"]["p50_s"] is not None, 30, "runner latencies")
     with urllib.request.urlopen(url + "/thumbnail.png", timeout=5) as r:
         assert r.headers["Content-Type"] == "image/png" and r.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -143,8 +139,8 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     dom = dump_dom(tmp_path, url + "/")
     assert attr(dom, "chart-defect", "data-points") == "0"  # nothing analysed yet: the page says so
     feed(N_FRAMES, 0, "grid1.mrc")
-    wait_until(lambda: get_json(url + "/api/state")["thumbnail"]["version"] >= 1
-               and get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120, "the first frames")
+    wait_for_dashboard(lambda: get_json(url + "/api/state")["thumbnail"]["version"] >= 1
+                       and get_json(url + "/api/state")["totals"]["frames"] >= N_FRAMES, 120, "the first frames")
     dom = dump_dom(tmp_path, url + "/")
     assert int(attr(dom, "chart-defect", "data-points")) >= N_FRAMES
     counts = json.loads(html.unescape(attr(dom, "chart-classes", "data-counts")))
@@ -159,8 +155,8 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     assert int(attr(dom, "", "data-sse-messages") or 0) >= 1  # snapshots also came over server-sent events
 
     feed(3, 1, "grid2.mrc")  # more frames: the thumbnail must move on
-    wait_until(lambda: get_json(url + "/api/state")["thumbnail"]["frame_id"].endswith("grid2.mrc#2"), 120,
-               "the new frames")
+    wait_for_dashboard(lambda: get_json(url + "/api/state")["thumbnail"]["frame_id"].endswith("grid2.mrc#2"), 120,
+                       "the new frames")
     dom = dump_dom(tmp_path, url + "/")
     assert attr(dom, "thumb", "src") != first_thumb
     assert attr(dom, "thumb", "data-frame").endswith("grid2.mrc#2")

@@ -3,10 +3,7 @@ counted and never stops the log (no analysis needed)."""
 
 import logging
 
-import pytest
-
 from latticewatch.runtime.eventlog import EventLog
-from latticewatch.runtime.ledger import Ledger
 from latticewatch.sinks.events import ErrorEvent, error_event, pixel_size_warning, render
 
 
@@ -28,13 +25,6 @@ class Broken:
 
     def consume(self, events):
         raise RuntimeError("sink bug")
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    yield ledger
-    ledger.close()
 
 
 def quarantine(ledger, frame_id):

@@ -10,13 +10,6 @@ from latticewatch.runtime.ledger import Ledger, LedgerError
 from latticewatch.sinks.events import ParticleEvent, error_event, now, render
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    yield ledger
-    ledger.close()
-
-
 def particles(n, frame_id):
     return [ParticleEvent(event_id=f"{frame_id}/region/{i}", at=now(), frame_id=frame_id, region_id=i,
                           bbox=(0, 0, 2, 2), centroid_px=(1.0, 1.0), centroid_nm=None, area_px=4, area_nm2=None,

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from latticewatch.schemas import SCHEMAS, load_schema
 from latticewatch.testing.replay import SerialEMStack
 from latticewatch.testing.synthetic.frames import generate_frame
+from waiting import wait_until
 
 N_FRAMES = 6
 
@@ -35,16 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def scrape(port):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from latticewatch.frame import Frame, Rejected
-from latticewatch.runtime.runners import InlineRunner, Pipeline, PipelinedRunner
+from latticewatch.runtime.pipeline import Pipeline
+from latticewatch.runtime.runners import InlineRunner, PipelinedRunner
 from latticewatch.runtime.store import StateDir
 from latticewatch.sources.memory import MemorySource
 

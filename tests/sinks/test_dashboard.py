@@ -12,12 +12,14 @@ import pytest
 from latticewatch.sinks.dashboard import DashboardSink, DashboardState, VerdictRule, size_histograms
 from latticewatch.sinks.events import RunnerInfo, error_event, frame_events
 
+ON_TIME = RunnerInfo(phases_s={}, latency_s=0.1, budget_ms=None, overrun=False)
+
 
 @pytest.fixture
 def events_of(analysed):
     """``events_of(k, [(label, diameter_nm), …], runner=…)``: what the event log hands the dashboard for one frame."""
 
-    def make(k, labels_diameters, runner=RunnerInfo(phases_s={}, latency_s=0.1, budget_ms=None, overrun=False)):
+    def make(k, labels_diameters, runner=ON_TIME):
         return frame_events(*analysed(k, labels_diameters), runner)
 
     return make

@@ -10,8 +10,20 @@ import pytest
 
 from latticewatch.schemas import SCHEMAS, generate_schema, load_schema
 from latticewatch.sinks.events import (
-    ErrorEvent, FrameEvent, ParticleEvent, PublisherCounters, RunnerInfo, StatusEvent, archive_error_event, error_event,
-    frame_events, now, parse, pixel_size_warning, render, topics,
+    ErrorEvent,
+    FrameEvent,
+    ParticleEvent,
+    PublisherCounters,
+    RunnerInfo,
+    StatusEvent,
+    archive_error_event,
+    error_event,
+    frame_events,
+    now,
+    parse,
+    pixel_size_warning,
+    render,
+    topics,
 )
 from latticewatch.sinks.reports import frame_report
 

@@ -14,8 +14,8 @@ from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import Source
 from latticewatch.sources.folder import FolderSource
 from latticewatch.sources.memory import MemorySource
-from latticewatch.testing.replay import SerialEMStack, ZmqPublisher
 from latticewatch.sources.zmq_stream import ZmqStreamSource
+from latticewatch.testing.replay import SerialEMStack, ZmqPublisher
 
 PIXEL_NM = 0.05
 
@@ -118,7 +118,8 @@ class DectrisHarness:
         self.sim.close()
 
 
-@pytest.fixture(params=[FolderHarness, ZmqHarness, MemoryHarness, DectrisHarness], ids=["folder", "zmq", "memory", "dectris"])
+@pytest.fixture(params=[FolderHarness, ZmqHarness, MemoryHarness, DectrisHarness],
+                ids=["folder", "zmq", "memory", "dectris"])
 def harness(request, tmp_path, tcp_address):
     h = request.param(tmp_path, tcp_address)
     yield h

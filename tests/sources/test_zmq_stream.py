@@ -6,8 +6,8 @@ import time
 import numpy as np
 
 from latticewatch.frame import Frame, Rejected
-from latticewatch.testing.replay import ZmqPublisher
 from latticewatch.sources.zmq_stream import ZmqStreamSource, encode_frame, encode_series_end
+from latticewatch.testing.replay import ZmqPublisher
 
 
 def good(n, series="s"):

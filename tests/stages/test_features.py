@@ -3,7 +3,14 @@ import math
 import numpy as np
 import pytest
 
-from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, LATTICE_BAND_NM, N_ANGLES, NOISE_FLOOR_NM, region_features
+from latticewatch.stages.features import (
+    FEATURE_NAMES,
+    FFT_SIZE,
+    LATTICE_BAND_NM,
+    N_ANGLES,
+    NOISE_FLOOR_NM,
+    region_features,
+)
 
 
 def reference_features(image, mask, pixel_size_nm):

@@ -54,13 +54,13 @@ def test_disk_morphology_equals_scipy(radius):
     from scipy import ndimage
     from skimage.morphology import disk
 
-    from latticewatch.stages.isolate import _disk_morphology
+    from latticewatch.stages.isolate import disk_morphology
 
     rng = np.random.default_rng(radius)
     mask = ndimage.gaussian_filter(rng.random((90, 70)), 2) > 0.5
     structure = disk(radius).astype(bool)
-    np.testing.assert_array_equal(_disk_morphology(mask, radius, erode=True), ndimage.binary_erosion(mask, structure))
-    np.testing.assert_array_equal(_disk_morphology(mask, radius, erode=False), ndimage.binary_dilation(mask, structure))
+    np.testing.assert_array_equal(disk_morphology(mask, radius, erode=True), ndimage.binary_erosion(mask, structure))
+    np.testing.assert_array_equal(disk_morphology(mask, radius, erode=False), ndimage.binary_dilation(mask, structure))
 
 
 def test_fill_holes_equals_scipy():

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from latticewatch.stages.preprocess import bezier_background, median3x3, normalise, pad_to_multiple, preprocess, resample
+from latticewatch.stages.preprocess import (
+    bezier_background,
+    median3x3,
+    normalise,
+    pad_to_multiple,
+    preprocess,
+    resample,
+)
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (17, 33), (64, 5), (3, 3)])

@@ -11,7 +11,8 @@ def lattice_with_patches(rng: np.random.Generator, side: int) -> tuple[np.ndarra
     amorphous patches (smooth noise, no lattice) as the labelled foreground."""
     yy, xx = np.mgrid[:side, :side].astype(np.float64)
     angle = rng.uniform(0, np.pi / 3)
-    lattice = sum(np.cos(2 * np.pi / 5.0 * (xx * np.cos(angle + k * np.pi / 3) + yy * np.sin(angle + k * np.pi / 3))) for k in range(3))
+    lattice = sum(np.cos(2 * np.pi / 5.0 * (xx * np.cos(angle + k * np.pi / 3) + yy * np.sin(angle + k * np.pi / 3)))
+                  for k in range(3))
     mask = np.zeros((side, side), bool)
     for _ in range(int(rng.integers(1, 4))):
         cy, cx, r = rng.uniform(0, side), rng.uniform(0, side), rng.uniform(side / 10, side / 4)
@@ -23,7 +24,8 @@ def lattice_with_patches(rng: np.random.Generator, side: int) -> tuple[np.ndarra
     return image, mask
 
 
-def write_labelled(root: Path, n: int, *, fmt: str = "png", side: int = 96, pixel_size_nm: float | None = None, seed: int = 0) -> tuple[Path, Path]:
+def write_labelled(root: Path, n: int, *, fmt: str = "png", side: int = 96, pixel_size_nm: float | None = None,
+                   seed: int = 0) -> tuple[Path, Path]:
     """``root/images`` and ``root/labels`` with ``n`` frames, two per series (``sK_layer_000J``)."""
     from PIL import Image
 

@@ -7,6 +7,7 @@ import pytest
 from skimage.filters import threshold_otsu
 
 from latticewatch.stages.preprocess import normalise, preprocess
+from latticewatch.testing.synthetic.frames import generate_frame
 from latticewatch.training.assess.baselines import (
     BASELINES,
     BaselineError,
@@ -18,9 +19,8 @@ from latticewatch.training.assess.baselines import (
     make_baseline,
     otsu_threshold,
 )
-from latticewatch.training.data.labelled import group_folds, load_labelled
 from latticewatch.training.assess.metrics import pooled_dice
-from latticewatch.testing.synthetic.frames import generate_frame
+from latticewatch.training.data.labelled import group_folds, load_labelled
 from shared_data import SHARED_DATA, requires
 
 GRAPHENE = SHARED_DATA / "graphene-contamination"
@@ -33,7 +33,8 @@ def analytic():
     frames = []
     for _ in range(12):
         f = generate_frame(rng, shape=(256, 256), pixel_size_nm=0.05, dose_range=(50.0, 200.0))
-        frames.append((preprocess(f.image, 0.05, normalisation="max", model_pixel_size_nm=0.05).image, f.mask.astype(bool)))
+        image = preprocess(f.image, 0.05, normalisation="max", model_pixel_size_nm=0.05).image
+        frames.append((image, f.mask.astype(bool)))
     return frames[:6], frames[6:]
 
 
@@ -53,7 +54,8 @@ def test_each_baseline_beats_chance_on_analytic_frames(name, analytic, fitted):
     if name != "otsu":  # the generator's amplitude contrast is deliberately weak; the lattice is not
         assert dice > 0.6
     # particles carry the lattice and are (slightly) dark: the fit has to find that out
-    expected = {"otsu": ("foreground", "dark"), "fourier": ("foreground", "lattice"), "bragg": ("signal", "lattice")}[name]
+    expected = {"otsu": ("foreground", "dark"), "fourier": ("foreground", "lattice"),
+                "bragg": ("signal", "lattice")}[name]
     assert getattr(fitted[name], expected[0]) == expected[1]
     assert fitted[name].fitted_images == 6 and 0 < fitted[name].fitted_dice <= 1
 
@@ -90,7 +92,10 @@ def test_bragg_filter_finds_contamination_on_real_graphene_images():
     names = sorted(p.stem for p in (GRAPHENE / "images").glob("*.png"))
     folds = group_folds(names, 4, seed=0)
     train_names, test_names = folds[0][:16], folds[1][:8]
-    prepare = lambda items: ([normalise(d.pixels.astype(np.float32), "bezier_zscore") for d in items], [d.mask for d in items])
+
+    def prepare(items):
+        return [normalise(d.pixels.astype(np.float32), "bezier_zscore") for d in items], [d.mask for d in items]
+
     train = prepare(load_labelled(GRAPHENE / "images", GRAPHENE / "labels", names=train_names))
     test_images, test_masks = prepare(load_labelled(GRAPHENE / "images", GRAPHENE / "labels", names=test_names))
     bragg = BraggFilterBaseline().fit(*train)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from analytic_files import copy_profile, write_analytic_set, write_mrc
+
 from latticewatch.calibration import load_calibration
 from latticewatch.cli import main
+from latticewatch.io.readers import read_frames
 from latticewatch.models.manifest import read_manifest
 from latticewatch.runtime.analyser import Analyser
-from latticewatch.io.readers import read_frames
 from latticewatch.training.assess.calibrate.crystals import d_spacing
 from latticewatch.training.assess.calibrate.fringes import measure_fringe_frequency
 from latticewatch.training.assess.calibrate.int8_set import farthest_points
@@ -66,7 +66,8 @@ def test_threshold_is_the_dice_optimum_and_written_atomically(labelled, tmp_path
 def test_threshold_needs_a_valid_profile(labelled, tmp_path, capsys):
     images, labels = labelled
     (tmp_path / "empty").mkdir()
-    assert main(["calibrate", "threshold", "--profile", str(tmp_path / "empty"), "--images", str(images), "--labels", str(labels)]) == 2
+    assert main(["calibrate", "threshold", "--profile", str(tmp_path / "empty"), "--images", str(images),
+                 "--labels", str(labels)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 
 
@@ -86,7 +87,8 @@ def _fringe_image(period_px: float, *, side: int = 1024, seed: int = 0, crystals
         radius = rng.uniform(0.1, 0.25) * side if crystals == 1 else rng.uniform(0.03, 0.06) * side
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
         theta = rng.uniform(0, np.pi)
-        fringes = sum(np.cos(2 * np.pi * (xx * np.cos(theta + a) + yy * np.sin(theta + a)) / period_px + rng.uniform(0, 6))
+        fringes = sum(np.cos(2 * np.pi * (xx * np.cos(theta + a) + yy * np.sin(theta + a)) / period_px
+                             + rng.uniform(0, 6))
                       for a in (0.0, np.radians(70.53)))
         intensity = intensity + disc * 0.08 * fringes
     return rng.poisson(np.clip(intensity, 0, None) * 100).astype(np.uint16)
@@ -116,7 +118,10 @@ def test_pixel_size_command_writes_a_toml_the_loader_reads(tmp_path, capsys):
     out = tmp_path / "calibration" / "team.toml"
     base = ["calibrate", "pixel-size", str(image), "--material", "Au", "--reflection", "111", "--camera", "OneView",
             "--voltage-kv", "300", "--out", str(out)]
-    with_image = lambda path: [base[0], base[1], str(path)] + base[3:]
+
+    def with_image(path):
+        return [base[0], base[1], str(path)] + base[3:]
+
     assert main(base + ["--magnification", "620000"]) == 2
     assert "give --instrument" in capsys.readouterr().err
     assert main(base + ["--magnification", "620000", "--instrument", "TEAM I"]) == 0
@@ -129,7 +134,8 @@ def test_pixel_size_command_writes_a_toml_the_loader_reads(tmp_path, capsys):
 
     # a second magnification is added, the same one replaced
     coarse = tmp_path / "gold_310kx.mrc"
-    write_mrc(coarse, _fringe_image(d_spacing("Au", "111") / (2 * pixel_size), seed=4), 0.05)  # header is wrong on purpose
+    # the header is wrong on purpose
+    write_mrc(coarse, _fringe_image(d_spacing("Au", "111") / (2 * pixel_size), seed=4), 0.05)
     assert main(with_image(coarse) + ["--magnification", "310000"]) == 0
     printed = capsys.readouterr().out
     assert "image header says 0.05000 nm/px" in printed
@@ -142,8 +148,8 @@ def test_pixel_size_command_writes_a_toml_the_loader_reads(tmp_path, capsys):
     # another camera's file is refused; a forbidden reflection too
     assert main(base[:8] + ["EMPAD"] + base[9:] + ["--magnification", "620000"]) == 2
     assert "camera 'OneView' ≠ 'EMPAD'" in capsys.readouterr().err
-    assert main(["calibrate", "pixel-size", str(image), "--material", "Au", "--reflection", "100", "--camera", "OneView",
-                 "--magnification", "1", "--out", str(out)]) == 2
+    assert main(["calibrate", "pixel-size", str(image), "--material", "Au", "--reflection", "100",
+                 "--camera", "OneView", "--magnification", "1", "--out", str(out)]) == 2
     assert "forbidden reflection" in capsys.readouterr().err
 
 
@@ -154,7 +160,8 @@ def test_pixel_size_updates_the_shipped_example_format_keeping_its_comments(tmp_
     si = d_spacing("Si", "111")
     write_mrc(image, _fringe_image(si / 0.03, seed=5), None)
     assert main(["calibrate", "pixel-size", str(image), "--material", "Si", "--reflection", "111", "--camera",
-                 "example 4k CMOS, 15 µm pixels", "--voltage-kv", "300", "--magnification", "500000", "--out", str(out)]) == 0
+                 "example 4k CMOS, 15 µm pixels", "--voltage-kv", "300", "--magnification", "500000",
+                 "--out", str(out)]) == 0
     capsys.readouterr()
     text = out.read_text()
     assert text.startswith("# Example instrument calibration")
@@ -177,8 +184,8 @@ def test_int8_set_is_preprocessed_like_the_analyser_and_loads_without_pickle(lab
         shutil.copy(path, folder / path.name)
     (folder / "broken.mrc").write_bytes(b"MRC? no")
     out = tmp_path / "int8.npz"
-    assert main(["calibrate", "int8-set", "--profile", str(profile_dir), "--images", str(folder), "--n", "5", "--tile", "128",
-                 "--out", str(out)]) == 0
+    assert main(["calibrate", "int8-set", "--profile", str(profile_dir), "--images", str(folder), "--n", "5",
+                 "--tile", "128", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "broken.mrc" in captured.err and "5 of 27 tiles from 3 frame(s)" in captured.out
     with np.load(out, allow_pickle=False) as z:

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("torch")
 
 from latticewatch.cli import main  # noqa: E402
-from latticewatch.training.data.labelled import series_of  # noqa: E402
 from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics  # noqa: E402
+from latticewatch.training.data.labelled import series_of  # noqa: E402
 
 TINY = ["--arch", "fpn", "--widths", "4", "8", "8", "16", "--steps", "2", "--batch-size", "2", "--crop", "64",
         "--eval-every", "2", "--threads", "1", "--normalisation", "bezier_zscore", "--pixel-size-nm", "none"]
@@ -28,7 +28,8 @@ def test_cross_validate_writes_folds_pooled_and_baseline(tmp_path, labelled_png,
             "--json", str(out), *TINY]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert [line.split(":")[0] for line in captured.err.splitlines() if line.startswith("fold")] == ["fold 1/3", "fold 2/3", "fold 3/3"]
+    folds = [line.split(":")[0] for line in captured.err.splitlines() if line.startswith("fold")]
+    assert folds == ["fold 1/3", "fold 2/3", "fold 3/3"]
     assert "pooled" in captured.out and "bragg" in captured.out
 
     result = json.loads(out.read_text())
@@ -54,7 +55,8 @@ def test_cross_validate_writes_folds_pooled_and_baseline(tmp_path, labelled_png,
 def test_cross_validate_resumes_finished_folds(tmp_path, labelled_png, capsys):
     images, labels = labelled_png
     out = tmp_path / "cv.json"
-    argv = ["cross-validate", "--images", str(images), "--labels", str(labels), "--folds", "2", "--json", str(out), *TINY]
+    argv = ["cross-validate", "--images", str(images), "--labels", str(labels), "--folds", "2", "--json", str(out),
+            *TINY]
     assert main(argv) == 0
     first = json.loads(out.read_text())
     capsys.readouterr()
@@ -75,8 +77,8 @@ def test_train_records_cross_validation_in_the_manifest(tmp_path, labelled_png, 
 
     images, labels = labelled_png
     cv = tmp_path / "cv.json"
-    assert main(["cross-validate", "--images", str(images), "--labels", str(labels), "--folds", "2", "--baselines", "bragg",
-                 "--json", str(cv), *TINY]) == 0
+    assert main(["cross-validate", "--images", str(images), "--labels", str(labels), "--folds", "2",
+                 "--baselines", "bragg", "--json", str(cv), *TINY]) == 0
     out = tmp_path / "profile"
     assert main(["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--val-fraction", "0",
                  "--cross-validation", str(cv), *TINY]) == 0

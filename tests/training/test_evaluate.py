@@ -5,10 +5,10 @@ import json
 import mrcfile
 import numpy as np
 import pytest
+from analytic_files import copy_profile, write_analytic_set
 from PIL import Image
 from sklearn import metrics as skm
 
-from analytic_files import copy_profile, write_analytic_set
 from latticewatch.cli import main
 from latticewatch.frame import Frame
 from latticewatch.models.manifest import read_manifest
@@ -75,7 +75,8 @@ def _sklearn(preds, truths) -> dict:
     t, p = _flat(preds, truths)
     return {"dice": skm.f1_score(t, p), "jaccard": skm.jaccard_score(t, p), "precision": skm.precision_score(t, p),
             "recall": skm.recall_score(t, p), "accuracy": skm.accuracy_score(t, p),
-            "balanced_accuracy": skm.balanced_accuracy_score(t, p), "confusion_matrix": skm.confusion_matrix(t, p).tolist()}
+            "balanced_accuracy": skm.balanced_accuracy_score(t, p),
+            "confusion_matrix": skm.confusion_matrix(t, p).tolist()}
 
 
 def _from_confusion(preds, truths) -> dict:
@@ -101,7 +102,8 @@ def test_metrics_equal_an_independent_recomputation_from_the_files(report, label
         analysis = analyser.analyse(Frame(name, pixels, pixel_size), keep_probability=True)
         model_preds.append(analysis.probability >= r["threshold"])
         truths.append(truth)
-        model_image = preprocess(pixels, pixel_size, normalisation=seg.normalisation, model_pixel_size_nm=seg.pixel_size_nm).image
+        model_image = preprocess(pixels, pixel_size, normalisation=seg.normalisation,
+                                 model_pixel_size_nm=seg.pixel_size_nm).image
         assert model_image.shape == (384, 384)  # resampled from 0.025 to 0.05 nm/px
         for kind, p in params[name].items():
             baseline_preds[kind].append(_nearest(baseline_from_dict(p).predict(model_image), truth.shape))
@@ -152,11 +154,12 @@ def test_no_baselines(small, capsys):
 
 def test_missing_and_unreadable_labels_exit_2_naming_the_file(small, capsys):
     images, labels = small
+    argv = ["evaluate", "--profile", str(profile_dir), "--images", str(images), "--labels", str(labels)]
     (labels / "frame_001.png").unlink()
-    assert main(["evaluate", "--profile", str(profile_dir), "--images", str(images), "--labels", str(labels), "--baselines", "none"]) == 2
+    assert main([*argv, "--baselines", "none"]) == 2
     assert "frame_001.mrc: no label frame_001.png/.tif in" in capsys.readouterr().err
     (labels / "frame_001.png").write_bytes(b"not a png at all")
-    assert main(["evaluate", "--profile", str(profile_dir), "--images", str(images), "--labels", str(labels), "--baselines", "none"]) == 2
+    assert main([*argv, "--baselines", "none"]) == 2
     assert "frame_001.png: unreadable label" in capsys.readouterr().err
-    assert main(["evaluate", "--profile", str(profile_dir), "--images", str(images), "--labels", str(labels), "--baselines", "sobel"]) == 2
+    assert main([*argv, "--baselines", "sobel"]) == 2
     assert "unknown baseline(s) sobel" in capsys.readouterr().err

@@ -59,7 +59,8 @@ def test_unreadable_or_mismatched_label_names_the_label_file(tmp_path):
     with pytest.raises(LabelledDataError, match=r"labels/frame\.png: unreadable label"):
         load_labelled(tmp_path / "images", tmp_path / "labels")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "labels" / "frame.png")
-    with pytest.raises(LabelledDataError, match=r"labels/frame\.png: mask shape \(16, 16\) differs from image shape \(32, 32\)"):
+    with pytest.raises(LabelledDataError,
+                       match=r"labels/frame\.png: mask shape \(16, 16\) differs from image shape \(32, 32\)"):
         load_labelled(tmp_path / "images", tmp_path / "labels")
 
 

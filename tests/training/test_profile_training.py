@@ -17,7 +17,8 @@ from latticewatch.training.fit.unet import UNetTrainingConfig, train_unet  # noq
 
 def test_training_improves_validation_dice():
     rng = np.random.default_rng(0)
-    frames = [generate_frame(rng, shape=(128, 128), pixel_size_nm=0.05, n_particles=2, dose_range=(150.0, 200.0)) for _ in range(6)]
+    frames = [generate_frame(rng, shape=(128, 128), pixel_size_nm=0.05, n_particles=2, dose_range=(150.0, 200.0))
+              for _ in range(6)]
     images = np.stack([f.image / f.image.max() for f in frames]).astype(np.float32)
     masks = np.stack([f.mask for f in frames])
     config = UNetTrainingConfig(crop=128, batch_size=4, learning_rate=3e-3, max_steps=40, eval_every=10, patience=10)

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from analytic_files import copy_profile, write_crops_index
+
 from latticewatch.cli import main
 from latticewatch.frame import CLASSES, Frame
 from latticewatch.models.manifest import read_manifest, sha256_of
@@ -22,7 +22,8 @@ def index(tmp_path_factory):
 def test_train_classifier_from_a_crops_index_updates_a_loadable_profile(index, tmp_path, capsys):
     profile = copy_profile(profile_dir, tmp_path / "profile")
     old_forest_sha = read_manifest(profile).files["forest.skops"]
-    assert main(["train-classifier", "--out", str(profile), "--crops", str(index), "--seed", "1", "--test-fraction", "0.2"]) == 0
+    assert main(["train-classifier", "--out", str(profile), "--crops", str(index), "--seed", "1",
+                 "--test-fraction", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "balanced accuracy on the held-out images" in out and "confusion matrix" in out
 
@@ -43,7 +44,8 @@ def test_train_classifier_from_a_crops_index_updates_a_loadable_profile(index, t
     assert forest.n_jobs == 1
 
     analyser = Analyser(profile)
-    sample = generate_frame(np.random.default_rng(5), shape=(256, 256), pixel_size_nm=0.05, n_particles=3, dose_range=(150.0, 200.0))
+    sample = generate_frame(np.random.default_rng(5), shape=(256, 256), pixel_size_nm=0.05, n_particles=3,
+                            dose_range=(150.0, 200.0))
     analysis = analyser.analyse(Frame("f", sample.image, 0.05))
     assert analysis.regions and all(r.label in CLASSES for r in analysis.regions)
 
@@ -65,7 +67,8 @@ def test_synthetic_regions(tmp_path, capsys):
     profile = copy_profile(profile_dir, tmp_path / "profile")
     assert main(["train-classifier", "--out", str(profile), "--synthetic", "5"]) == 0
     m = read_manifest(profile).training["classifier"].metrics
-    assert m["n_train"] + m["n_test"] == 25 and m["n_test"] == 5 and "analytic generator" in read_manifest(profile).training["classifier"].data
+    assert m["n_train"] + m["n_test"] == 25 and m["n_test"] == 5
+    assert "analytic generator" in read_manifest(profile).training["classifier"].data
     capsys.readouterr()
 
 

@@ -11,9 +11,9 @@ pytest.importorskip("torch")
 
 from latticewatch.cli import main  # noqa: E402
 from latticewatch.models.manifest import read_manifest  # noqa: E402
+from latticewatch.training.assess.metrics import METRIC_KEYS  # noqa: E402
 from latticewatch.training.data.augment import random_rotation_crop, rotate_crop  # noqa: E402
 from latticewatch.training.data.labelled import series_of  # noqa: E402
-from latticewatch.training.assess.metrics import METRIC_KEYS  # noqa: E402
 from latticewatch.training.data.supervised import validation_split  # noqa: E402
 from latticewatch.training.fit.unet import CheckpointError, UNetTrainingConfig, train_unet  # noqa: E402
 
@@ -38,14 +38,16 @@ def test_arbitrary_rotations_keep_image_and_mask_aligned():
     crop, thresholding the image must give back the transformed mask except on the outline."""
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:128, :128]
-    mask = ((yy - 40) ** 2 / 30**2 + (xx - 70) ** 2 / 15**2 < 1) | ((yy > 90) & (xx < 40))  # asymmetric: an ellipse and a box
+    # asymmetric: an ellipse and a box
+    mask = ((yy - 40) ** 2 / 30**2 + (xx - 70) ** 2 / 15**2 < 1) | ((yy > 90) & (xx < 40))
     image = mask.astype(np.float32)
     for _ in range(20):
         x, y = random_rotation_crop(rng, image, mask, 96)
         assert x.shape == y.shape == (96, 96)
         disagree = (x >= 0.5) != y.astype(bool)
         inside = y.astype(bool)
-        outline = ndimage.binary_dilation(inside) & ~ndimage.binary_erosion(inside, border_value=1)  # 1-px band on both sides
+        # a 1-px band on both sides
+        outline = ndimage.binary_dilation(inside) & ~ndimage.binary_erosion(inside, border_value=1)
         assert inside.any() and not (disagree & ~outline).any()
         assert disagree.sum() <= 0.5 * outline.sum()  # linear vs nearest sampling differ only at some edge pixels
 
@@ -63,12 +65,14 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path, lattice_frame):
     pairs = [lattice_frame(rng, 64) for _ in range(4)]
     images = [p[0].astype(np.float32) for p in pairs]
     masks = [p[1] for p in pairs]
-    config = UNetTrainingConfig(widths=(4, 8), crop=48, batch_size=2, max_steps=6, eval_every=3, learning_rate=1e-3, augment="rotate")
-    straight = train_unet((images[:3], masks[:3]), (images[3:], masks[3:]), config, progress=False)
+    config = UNetTrainingConfig(widths=(4, 8), crop=48, batch_size=2, max_steps=6, eval_every=3, learning_rate=1e-3,
+                                augment="rotate")
+    train, val = (images[:3], masks[:3]), (images[3:], masks[3:])
+    straight = train_unet(train, val, config, progress=False)
     checkpoint = tmp_path / "checkpoint.safetensors"
-    first = train_unet((images[:3], masks[:3]), (images[3:], masks[3:]), config, progress=False, checkpoint=checkpoint, until_step=4)
+    first = train_unet(train, val, config, progress=False, checkpoint=checkpoint, until_step=4)
     assert first.steps == 4 and checkpoint.is_file()
-    resumed = train_unet((images[:3], masks[:3]), (images[3:], masks[3:]), config, progress=False, checkpoint=checkpoint, resume=True)
+    resumed = train_unet(train, val, config, progress=False, checkpoint=checkpoint, resume=True)
     assert resumed.steps == 6 and resumed.history == straight.history
     for key, value in straight.net.state_dict().items():
         np.testing.assert_allclose(resumed.net.state_dict()[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
@@ -81,13 +85,15 @@ def test_train_on_png_files_writes_a_profile_that_process_runs(tmp_path, labelle
     images, labels = labelled_png
     out = tmp_path / "profile"
     argv = ["train", "--images", str(images), "--labels", str(labels), "--out", str(out), "--name", "tiny-graphene",
-            "--arch", "fpn", "--widths", "4", "8", "8", "16", "--normalisation", "bezier_zscore", "--pixel-size-nm", "none",
-            "--val-fraction", "0.25", "--foreground", "contamination", "--low-value-class", "1", *TINY]
+            "--arch", "fpn", "--widths", "4", "8", "8", "16", "--normalisation", "bezier_zscore",
+            "--pixel-size-nm", "none", "--val-fraction", "0.25", "--foreground", "contamination",
+            "--low-value-class", "1", *TINY]
     assert main(argv) == 0
     assert "validation Dice" in capsys.readouterr().out
     manifest = read_manifest(out)  # verifies every sha256
     seg = manifest.segmentation
-    assert (seg.architecture, seg.widths, seg.pixel_size_nm, seg.normalisation) == ("fpn", (4, 8, 8, 16), None, "bezier_zscore")
+    assert (seg.architecture, seg.widths, seg.pixel_size_nm, seg.normalisation) == (
+        "fpn", (4, 8, 8, 16), None, "bezier_zscore")
     assert manifest.classifier is None and manifest.archive.low_value_class == 1
     assert set(manifest.files) == {"fpn.onnx", "fpn.safetensors"} and not (out / "checkpoint.safetensors").exists()
     training = manifest.training["segmentation"]

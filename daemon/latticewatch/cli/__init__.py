@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
 from latticewatch import __version__
 from latticewatch.cli import archive, bench, calibrate, daemon, evaluate, models, process, simulate, sort, train
-from latticewatch.cli.common import EXIT_USAGE, fail
+from latticewatch.cli.common import EXIT_OK, EXIT_USAGE, fail
 from latticewatch.errors import LatticewatchError
 
 __all__ = ["Parser", "build_parser", "main"]
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `latticewatch … --json | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return EXIT_OK
     except (LatticewatchError, OSError) as err:
         log.debug("%s failed", args.command, exc_info=True)
         return fail(err)

@@ -20,7 +20,8 @@ from latticewatch.errors import ConfigError
 from latticewatch.frame import MIN_SIDE_PX
 
 if TYPE_CHECKING:  # the parser is built for every command; the batch path is imported only to run one
-    from latticewatch.runtime.batch import Failure
+    from latticewatch.runtime.analyser import Analyser
+    from latticewatch.runtime.batch import Batch, Failure
 
 #: Everything asked for was done.
 EXIT_OK = 0
@@ -68,6 +69,24 @@ def fail(err: BaseException) -> int:
 def report_failure(failure: Failure) -> None:
     """Print one failed file or frame as it happens (``Batch(on_failure=report_failure)``)."""
     error(failure.error)
+
+
+def open_batch(args: argparse.Namespace, desc: str = "files") -> tuple[Analyser, Batch]:
+    """The profile's analyser and the batch path as `add_profile` and `add_batch_options` set them.
+
+    Failures are printed as they happen; a progress bar named ``desc`` shows on a terminal.
+
+    Examples
+    --------
+    >>> analyser, batch = open_batch(args, "sort")  # doctest: +SKIP
+    """
+    from latticewatch.runtime.analyser import Analyser
+    from latticewatch.runtime.batch import Batch
+
+    analyser = Analyser(args.profile, threads=args.threads)
+    batch = Batch(permissive=args.permissive, calibration=args.calibration, on_failure=report_failure,
+                  progress=progress_enabled(), desc=desc)
+    return analyser, batch
 
 
 def exit_code(failures: list) -> int:
@@ -119,12 +138,17 @@ def needs_extra(what: str, extra: str = "train", package: str = "torch") -> Iter
 # ----------------------------------------------------------------------------- shared options
 
 
+def _number(text: str, kind: type[int] | type[float], what: str) -> int | float:
+    """``text`` as ``kind``; an option's error when it is not one (``what``: what was expected)."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def frame_side(text: str) -> int:
     """A frame side the analyser accepts (``bench --sizes``, ``demo --size``)."""
-    try:
-        side = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a frame side in pixels, got {text!r}") from None
+    side = _number(text, int, "a frame side in pixels")
     if side < MIN_SIDE_PX:
         raise argparse.ArgumentTypeError(f"frame side must be at least {MIN_SIDE_PX} px, got {side}")
     return side
@@ -132,10 +156,7 @@ def frame_side(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A number > 0 (``--pixel-size-nm``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text, float, "a number")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
@@ -143,10 +164,7 @@ def positive_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """A whole number >= 1 (counts: ``--repeats``, ``--frames``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _number(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -163,12 +181,13 @@ def add_threads(p: argparse.ArgumentParser, what: str = "inference threads") -> 
 
 
 def add_batch_options(p: argparse.ArgumentParser) -> None:
-    """``--permissive`` and ``--calibration``: how the batch path reads files."""
+    """``--permissive``, ``--calibration`` and ``--threads``: how the batch path reads and analyses files."""
     p.add_argument("--permissive", action="store_true",
                    help="warn and guess on inconsistent headers instead of failing")
     p.add_argument("--calibration", type=Path, default=None, metavar="TOML",
                    help="instrument calibration (magnification → pixel size) for frames whose files carry no "
                    "pixel size")
+    add_threads(p)
 
 
 def add_baselines(p: argparse.ArgumentParser, default: tuple[str, ...], text: str) -> None:

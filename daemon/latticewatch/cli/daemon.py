@@ -235,8 +235,6 @@ def cmd_events(args: argparse.Namespace) -> int:
     except KeyError as err:  # an id the log does not hold: nothing to replay after it
         error(err.args[0])
         return EXIT_SOME_FAILED
-    except BrokenPipeError:  # `latticewatch events ... | head`
-        return EXIT_OK
     sys.stdout.flush()
     return EXIT_OK
 
@@ -269,13 +267,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "SerialEM writes a stack; print where the events, metrics and dashboard are. Ctrl-C stops "
                        "cleanly. If a port is taken (another daemon?), pick others with the options below.")
     p.add_argument("--frames", type=positive_int, default=20, help="synthetic frames to replay (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=2.0,
-                   help="frames per second (default: %(default)s; 0 = as fast as possible)")
-    p.add_argument("--size", type=frame_side, default=512, metavar="PX",
-                   help="frame side in pixels (default: %(default)s)")
-    p.add_argument("--pixel-size-nm", type=positive_float, default=0.05,
-                   help="pixel size of the frames (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default: %(default)s)")
+    _add_frame_options(p, rate_hz=2.0)
     add_profile(p)
     p.add_argument("--budget-ms", type=float, default=2000.0,
                    help="per-frame processing budget in ms (default: %(default)s)")
@@ -286,6 +278,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
     _register_replay_and_events(sub)
+
+
+def _add_frame_options(p: argparse.ArgumentParser, *, rate_hz: float) -> None:
+    """``--rate``, ``--size``, ``--pixel-size-nm`` and ``--seed``: the pace and the synthetic frames of ``demo`` and
+    ``replay``."""
+    p.add_argument("--rate", type=float, default=rate_hz,
+                   help="frames per second (default: %(default)s; 0 = as fast as possible)")
+    p.add_argument("--size", type=frame_side, default=512, metavar="PX",
+                   help="side of the synthetic frames in pixels (default: %(default)s)")
+    p.add_argument("--pixel-size-nm", type=positive_float, default=0.05,
+                   help="pixel size of the synthetic frames (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default: %(default)s)")
 
 
 def _register_replay_and_events(sub: argparse._SubParsersAction) -> None:
@@ -303,13 +307,7 @@ def _register_replay_and_events(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zmq-socket", choices=("push", "pub"), default="push",
                    help="ZeroMQ socket type (default: %(default)s)")
     p.add_argument("--series", default=None, help="stream series id (default: replay-<time>)")
-    p.add_argument("--rate", type=float, default=1.0,
-                   help="frames per second (default: %(default)s; 0 = as fast as possible)")
-    p.add_argument("--size", type=frame_side, default=512, metavar="PX",
-                   help="synthetic frame side (default: %(default)s)")
-    p.add_argument("--pixel-size-nm", type=positive_float, default=0.05,
-                   help="synthetic pixel size (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default: %(default)s)")
+    _add_frame_options(p, rate_hz=1.0)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("events", help="replay the durable event log (JSON lines) since a time or an event id",

@@ -9,14 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latticewatch.cli.common import (
-    add_batch_options,
-    add_profile,
-    add_threads,
-    exit_code,
-    progress_enabled,
-    report_failure,
-)
+from latticewatch.cli.common import add_batch_options, add_profile, exit_code, open_batch
 from latticewatch.errors import ConfigError
 from latticewatch.frame import CLASSES, Analysis, Frame
 
@@ -53,7 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write DIR/<name>_probability.npy (float32, frame size)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_batch_options(p)
-    add_threads(p)
     p.add_argument("--archive", type=Path, metavar="ROOT",
                    help="also archive each frame (HDF5, see README 'Archive') under ROOT")
     p.add_argument("--archive-policy", type=archive_policy, default="drop", metavar="POLICY",
@@ -65,15 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from latticewatch.runtime.analyser import Analyser
-    from latticewatch.runtime.batch import Batch
     from latticewatch.sinks.reports import summary, write_reports
 
     if args.archive_margin_nm < 0:
         raise ConfigError(f"--archive-margin-nm must be >= 0, got {args.archive_margin_nm}")
-    analyser = Analyser(args.profile, threads=args.threads)
-    batch = Batch(permissive=args.permissive, calibration=args.calibration, on_failure=report_failure,
-                  progress=progress_enabled())
+    analyser, batch = open_batch(args)
     archive = None
     if args.archive:
         from latticewatch.runtime.archiving import open_session_writer

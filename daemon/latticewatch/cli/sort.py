@@ -16,14 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latticewatch.cli.common import (
-    add_batch_options,
-    add_profile,
-    add_threads,
-    exit_code,
-    progress_enabled,
-    report_failure,
-)
+from latticewatch.cli.common import add_batch_options, add_profile, exit_code, open_batch
 
 if TYPE_CHECKING:  # the parser is built for every command; the analyser is imported only to sort
     from latticewatch.runtime.analyser import Analyser
@@ -60,13 +53,10 @@ def rank_frames(files: Sequence[Path], analyser: Analyser, batch: Batch, *,
 
 
 def cmd_sort(args: argparse.Namespace) -> int:
-    from latticewatch.runtime.analyser import Analyser
-    from latticewatch.runtime.batch import Batch, micrograph_files
+    from latticewatch.runtime.batch import micrograph_files
 
     files = micrograph_files(args.directory)
-    analyser = Analyser(args.profile, threads=args.threads)
-    batch = Batch(permissive=args.permissive, calibration=args.calibration, on_failure=report_failure,
-                  progress=progress_enabled(), desc="sort")
+    analyser, batch = open_batch(args, "sort")
     ranked = rank_frames(files, analyser, batch, descending=args.descending)
     foreground = analyser.manifest.segmentation.foreground
     if args.json:
@@ -105,5 +95,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descending", action="store_true", help="cleanest frames first")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON")
     add_batch_options(p)
-    add_threads(p)
     p.set_defaults(func=cmd_sort)

@@ -18,7 +18,7 @@ from typing import Any
 
 from latticewatch.io.jsonio import parse_timestamp
 
-log = logging.getLogger("latticewatch.io.mdoc")
+log = logging.getLogger(__name__)
 
 _SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]\s*$")
 #: SerialEM writes two-digit years before 3.7 and four-digit ones after; both occur in archives.

@@ -21,10 +21,13 @@ name                network                                                     
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from latticewatch.errors import ModelError
 
 ARCHITECTURES: tuple[str, ...] = ("unet", "resnet18-unet", "fpn")
-DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"unet": (4, 8, 16, 32), "resnet18-unet": (8, 16, 32, 64), "fpn": (8, 16, 32, 64)}
+DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
+    "unet": (4, 8, 16, 32), "resnet18-unet": (8, 16, 32, 64), "fpn": (8, 16, 32, 64),
+}
 
 
 class ArchitectureError(ModelError, ValueError):
@@ -88,7 +91,8 @@ def receptive_field(arch: str, widths: Sequence[int]) -> int:
     widths = check(arch, widths)
     if arch == "unet":
         levels = len(widths)
-        return _walk([("conv", 3), ("conv", 2, 2)] * levels + [("conv", 3)] * 2 + [("up", 2), ("conv", 3), ("conv", 3)] * levels)
+        down, bottom, up = [("conv", 3), ("conv", 2, 2)], [("conv", 3)] * 2, [("up", 2), ("conv", 3), ("conv", 3)]
+        return _walk(down * levels + bottom + up * levels)
     if arch == "resnet18-unet":
         decoder = ([("up", 2)] + [("conv", 3)] * 2) * 3 + [("up", 2), ("conv", 3), ("up", 2), ("conv", 3)]
         return _walk(_RESNET_ENCODER + decoder)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 
-
 class ParticleProbability(nn.Module):
     """The net with its 2-class softmax rewritten as one sigmoid of the logit difference.
 
@@ -58,7 +57,8 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, *, opset: int = 17) -> 
             str(path),
             input_names=["image"],
             output_names=["particle_probability"],
-            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "particle_probability": {0: "batch", 2: "height", 3: "width"}},
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                          "particle_probability": {0: "batch", 2: "height", 3: "width"}},
             opset_version=opset,
             dynamo=False,
         )

@@ -118,7 +118,8 @@ class ResNetUNet(_ResNetSegmentation):
         # (channels from below, skip channels, output channels) at 1/16, 1/8, 1/4, 1/2
         plan = [(w[3], w[2], w[2]), (w[2], w[1], w[1]), (w[1], w[0], w[0]), (w[0], w[0], w[0])]
         self.decoder = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(below + skip, out), conv_bn_relu(out, out)) if i < 3 else conv_bn_relu(below + skip, out)
+            nn.Sequential(conv_bn_relu(below + skip, out), conv_bn_relu(out, out)) if i < 3
+            else conv_bn_relu(below + skip, out)
             for i, (below, skip, out) in enumerate(plan)
         )
         self.full = conv_bn_relu(w[0], max(4, w[0] // 2))
@@ -148,7 +149,8 @@ class FPN(_ResNetSegmentation):
     torch.Size([2, 2, 64, 64])
     """
 
-    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64), n_classes: int = 2, pyramid: int | None = None, seg: int | None = None):
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64), n_classes: int = 2, pyramid: int | None = None,
+                 seg: int | None = None):
         super().__init__()
         self.encoder = ResNetEncoder(widths)
         w = self.encoder.widths

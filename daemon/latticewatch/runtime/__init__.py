@@ -1,1 +1,1 @@
-"""Runtime: profile discovery, the analyser (stages wired with timing), runners."""
+"""Runtime: the analyser, the batch path, the runners and the daemon with its state (ledger, event log, archive)."""

@@ -53,7 +53,8 @@ def validate_pixels(frame: Frame) -> None:
     if px.ndim != 2:
         raise FrameError(f"{frame.frame_id}: expected a 2-D image, got shape {px.shape}")
     if min(px.shape) < MIN_SIDE_PX:
-        raise FrameError(f"{frame.frame_id}: image is {px.shape[0]}×{px.shape[1]} px; at least {MIN_SIDE_PX} px per side needed")
+        raise FrameError(f"{frame.frame_id}: image is {px.shape[0]}×{px.shape[1]} px; "
+                         f"at least {MIN_SIDE_PX} px per side needed")
     if not (np.issubdtype(px.dtype, np.integer) or np.issubdtype(px.dtype, np.floating)):
         raise FrameError(f"{frame.frame_id}: unsupported pixel type {px.dtype}")
     if np.issubdtype(px.dtype, np.floating):
@@ -111,7 +112,8 @@ class Analyser:
     def model_ids(self) -> dict[str, str]:
         """Identifiers of the exact model files in use (name@version + short sha256)."""
         m = self.manifest
-        ids = {"profile": f"{m.name}@{m.version}", "segmentation": f"{m.segmentation.onnx}:{m.files[m.segmentation.onnx][:12]}"}
+        ids = {"profile": f"{m.name}@{m.version}",
+               "segmentation": f"{m.segmentation.onnx}:{m.files[m.segmentation.onnx][:12]}"}
         if m.classifier:
             ids["classifier"] = f"{m.classifier.skops}:{m.files[m.classifier.skops][:12]}"
         ids["backend"] = self.backend.name
@@ -134,7 +136,8 @@ class Analyser:
         if frame.pixel_size_nm is None:
             warnings.append("pixel size unknown: no resampling, sizes reported in pixels only")
         with _timed(timings, "preprocess"):
-            pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation, model_pixel_size_nm=seg.pixel_size_nm)
+            pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation,
+                             model_pixel_size_nm=seg.pixel_size_nm)
         return Prepared(frame, pre, timings, warnings)
 
     def segment_batch(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
@@ -150,7 +153,8 @@ class Analyser:
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(prepared):
             padded_shape = tuple(-(-n // divisor) * divisor for n in p.pre.image.shape)
-            groups.setdefault(padded_shape if math.prod(padded_shape) <= self.max_pixels else ("tiled", i), []).append(i)
+            key = padded_shape if math.prod(padded_shape) <= self.max_pixels else ("tiled", i)
+            groups.setdefault(key, []).append(i)
         for members in groups.values():
             start = time.perf_counter()
             if len(members) > 1:
@@ -173,7 +177,8 @@ class Analyser:
             clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
             labels, isolated = isolate(clean)
         with _timed(timings, "features"):
-            features = [region_features(pre.image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm) for r in isolated]
+            features = [region_features(pre.image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
+                        for r in isolated]
         with _timed(timings, "classify"):
             verdicts = self.classifier(features) if self.classifier else [("unclassified", {})] * len(isolated)
         with _timed(timings, "assemble"):
@@ -190,7 +195,8 @@ class Analyser:
                 full_probability = (
                     probability
                     if probability.shape == (h, w)
-                    else ndimage.zoom(probability, (h / probability.shape[0], w / probability.shape[1]), order=1, grid_mode=True, mode="nearest")
+                    else ndimage.zoom(probability, (h / probability.shape[0], w / probability.shape[1]), order=1,
+                                      grid_mode=True, mode="nearest")
                 ).astype(np.float32)
         return Analysis(
             frame_id=frame.frame_id,

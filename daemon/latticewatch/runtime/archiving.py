@@ -139,6 +139,10 @@ class ArchiveSink:
         """Frames published but not yet archived (this run's and earlier runs')."""
         return len(self.ledger.unarchived())
 
+    def queued(self) -> int:
+        """Frames offered and waiting for the writer thread (the queue's depth, for metrics)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Archive what is queued, stop the thread, consolidate the session; the backlog waits for the next run."""
         if self._thread is not None:
@@ -164,10 +168,12 @@ class ArchiveSink:
                 item = None
             if item is _STOP:
                 return
-            if item is not None:
+            if item is None:
+                if self._backlog_due and time.monotonic() >= self._retry_at:
+                    self._drain_backlog()
+            elif not self.ledger.is_archived(item.frame.frame_id):
+                # a frame published but not yet offered is in the backlog too, and may have been archived from it
                 self._archive(item.frame, item.analysis)
-            elif self._backlog_due and time.monotonic() >= self._retry_at:
-                self._drain_backlog()
 
     def _drain_backlog(self) -> None:
         rows = self.ledger.unarchived(limit=len(self._passed) + self.batch)

@@ -10,16 +10,17 @@ from collections.abc import Sequence
 
 from latticewatch.calibration import apply_calibration, load_calibration
 from latticewatch.config import Config, FolderSourceConfig, PluginSourceConfig, ZmqSourceConfig
+from latticewatch.errors import StateError
 from latticewatch.runtime.analyser import Analyser
-from latticewatch.runtime.outputs import Outputs
-from latticewatch.runtime.runners import InlineRunner, PipelinedRunner, Pipeline, RunStats
-from latticewatch.runtime.store import StateDir
 from latticewatch.runtime.archiving import open_session_writer
+from latticewatch.runtime.outputs import Outputs
+from latticewatch.runtime.pipeline import Pipeline, RunStats
+from latticewatch.runtime.runners import InlineRunner, PipelinedRunner
+from latticewatch.runtime.store import StateDir
 from latticewatch.sinks.events import Sink
 from latticewatch.sources.base import Source, discover_sources
-from latticewatch.errors import StateError
 
-log = logging.getLogger("latticewatch.runtime.daemon")
+log = logging.getLogger(__name__)
 
 
 class SourceUnavailable(StateError):

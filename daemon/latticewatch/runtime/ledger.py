@@ -37,9 +37,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
 from latticewatch.errors import StateError
 
-log = logging.getLogger("latticewatch.runtime.ledger")
+log = logging.getLogger(__name__)
 
 STATES = ("seen", "analysed", "published", "archived", "quarantined")
 
@@ -120,6 +121,11 @@ class Ledger:
     def is_done(self, frame_id: str) -> bool:
         """True once the frame is past ``seen``: it must never be analysed again."""
         return self.state(frame_id) not in (None, "seen")
+
+    def is_archived(self, frame_id: str) -> bool:
+        """True once the archive writer's receipt for the frame is recorded."""
+        rows = self._query("SELECT archived_at IS NOT NULL FROM frames WHERE frame_id = ?", frame_id)
+        return bool(rows and rows[0][0])
 
     def counts(self) -> dict[str, int]:
         """Frames per state (every state listed, zeros included)."""

@@ -100,7 +100,7 @@ class Outputs:
         queues = dict(getattr(self._runner, "queue_depths", dict)())
         archive = getattr(self._pipeline, "archive", None)
         if archive is not None:
-            queues["archive"] = archive._queue.qsize()
+            queues["archive"] = archive.queued()
             queues["archive_backlog"] = archive.backlog()
         return queues
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from latticewatch.models.manifest import Manifest, ManifestError, read_manifest
 
-log = logging.getLogger("latticewatch.runtime.plugins")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

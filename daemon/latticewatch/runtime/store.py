@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from latticewatch.frame import Frame, file_safe
 from latticewatch.io.atomic import write_atomic
 from latticewatch.io.jsonio import parse_timestamp
-from latticewatch.frame import Frame, file_safe
 
-log = logging.getLogger("latticewatch.runtime.store")
+log = logging.getLogger(__name__)
 
 
 def entry_key(frame_id: str) -> str:
@@ -74,7 +74,8 @@ class StateDir:
     def spool(self, frame: Frame) -> str:
         """Keep a frame's pixels and metadata on disk until it is analysed; returns its key."""
         key = entry_key(frame.frame_id)
-        write_atomic(self.spool_dir / f"{key}.npy", lambda fh: np.save(fh, frame.pixels, allow_pickle=False), fsync=False)
+        write_atomic(self.spool_dir / f"{key}.npy", lambda fh: np.save(fh, frame.pixels, allow_pickle=False),
+                     fsync=False)
         record = {
             "frame_id": frame.frame_id,
             "pixel_size_nm": frame.pixel_size_nm,
@@ -110,7 +111,8 @@ class StateDir:
         for suffix in (".json", ".npy"):
             (self.spool_dir / f"{key}{suffix}").unlink(missing_ok=True)
 
-    def quarantine(self, frame_id: str, origin: str, problem: str, *, payload: bytes | None = None, spool_key: str | None = None) -> Path:
+    def quarantine(self, frame_id: str, origin: str, problem: str, *, payload: bytes | None = None,
+                   spool_key: str | None = None) -> Path:
         """Keep what cannot be analysed (a raw message, or a spooled frame's pixels) with the reason."""
         key = entry_key(frame_id)
         kept = None

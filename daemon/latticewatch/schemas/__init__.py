@@ -28,7 +28,13 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from latticewatch.io.atomic import write_atomic
 from latticewatch.sinks.events import (
-    DEFECT_LABEL, SCHEMA_VERSION, ErrorEvent, FrameEvent, ParticleEvent, StatusEvent, WarningEvent,
+    DEFECT_LABEL,
+    SCHEMA_VERSION,
+    ErrorEvent,
+    FrameEvent,
+    ParticleEvent,
+    StatusEvent,
+    WarningEvent,
 )
 
 #: The model behind each schema (a topic without the ``latticewatch.`` prefix).

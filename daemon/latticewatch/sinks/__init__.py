@@ -1,1 +1,1 @@
-"""Sinks: consumers of finished analyses (events, metrics, dashboard, archive)."""
+"""Sinks: consumers of the typed events (ZeroMQ publisher, metrics, dashboard), reports, and the archive format."""

@@ -25,7 +25,14 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Protocol, Union
 
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PrivateAttr, TypeAdapter,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PrivateAttr,
+    TypeAdapter,
 )
 
 from latticewatch.frame import CLASSES, Analysis, Frame

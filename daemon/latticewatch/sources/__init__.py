@@ -1,1 +1,1 @@
-"""Frame sources: file readers, the folder watcher, streams, replay and in-memory fakes."""
+"""Frame sources: the folder watcher (SerialEM rules), the native ZeroMQ stream, in-memory frames; plugins add more."""

@@ -40,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from latticewatch.frame import Frame, Rejected
 
-log = logging.getLogger("latticewatch.sources.base")
+log = logging.getLogger(__name__)
 
 #: Entry point group through which plugins add source kinds.
 ENTRY_POINT_GROUP = "latticewatch.sources"

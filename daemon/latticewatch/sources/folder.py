@@ -47,7 +47,7 @@ from latticewatch.io.mdoc import Mdoc, parse_mdoc, section_info
 from latticewatch.io.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
 from latticewatch.sources.base import SkipFn, StopFlag
 
-log = logging.getLogger("latticewatch.sources.folder")
+log = logging.getLogger(__name__)
 
 #: Names that writers use while a file is incomplete, or for backups.
 TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")

@@ -15,7 +15,7 @@ import numpy as np
 from latticewatch.frame import Frame, Rejected
 from latticewatch.sources.base import SkipFn, StopFlag
 
-log = logging.getLogger("latticewatch.sources.memory")
+log = logging.getLogger(__name__)
 
 _END = object()
 

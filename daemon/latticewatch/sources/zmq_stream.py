@@ -46,7 +46,7 @@ from latticewatch.io.jsonio import parse_timestamp
 from latticewatch.io.readers import DEFAULT_MAX_PIXELS
 from latticewatch.sources.base import SkipFn, StopFlag
 
-log = logging.getLogger("latticewatch.sources.zmq_stream")
+log = logging.getLogger(__name__)
 
 PROTOCOL = "latticewatch-stream/1"
 DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32", "float64")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import regionprops
-from pydantic import BaseModel, ConfigDict
 
 
 class IsolationParams(BaseModel):
@@ -47,17 +47,24 @@ def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """``out[y, x] = mask[y + dy, x + dx]``, False where that falls outside the image."""
     h, w = mask.shape
     out = np.zeros_like(mask)
-    out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = mask[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+    target = (slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)))
+    out[target] = mask[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
     return out
 
 
-def _disk_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+def disk_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     """Binary erosion or dilation by ``skimage.morphology.disk(radius)``, outside = False.
 
     The disc is a stack of horizontal segments of half-width ⌊√(r² − dy²)⌋, so the result is an
     intersection (erosion) or union (dilation) of 2r + 1 shifted 1-D results, each built up from
     the previous width: ~5r whole-image boolean operations instead of scipy's per-pixel loop over
     every disc element (≈ 1 ms instead of 6–9 ms at 512²).
+
+    Examples
+    --------
+    >>> mask = np.zeros((7, 7), bool); mask[3, 3] = True
+    >>> int(disk_morphology(mask, 1, erode=False).sum())  # a point grows into a radius-1 disc
+    5
     """
     combine = np.logical_and if erode else np.logical_or
     sign = 1 if erode else -1  # dilation reflects the structuring element (symmetric here anyway)
@@ -90,11 +97,11 @@ def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: 
     r_open = _radius_px(params.opening_radius_nm, pixel_size_nm)
     r_close = _radius_px(params.closing_radius_nm, pixel_size_nm)
     if r_open:
-        mask = _disk_morphology(_disk_morphology(mask, r_open, erode=True), r_open, erode=False)
+        mask = disk_morphology(disk_morphology(mask, r_open, erode=True), r_open, erode=False)
     if r_close:
         # pad so closing does not glue regions to the frame border
         padded = np.pad(mask, r_close, mode="edge")
-        closed = _disk_morphology(_disk_morphology(padded, r_close, erode=False), r_close, erode=True)
+        closed = disk_morphology(disk_morphology(padded, r_close, erode=False), r_close, erode=True)
         mask = closed[r_close:-r_close, r_close:-r_close]
     mask = fill_holes(mask)
     labels, n = ndimage.label(mask)

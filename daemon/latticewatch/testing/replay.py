@@ -27,18 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
+from latticewatch.errors import ConfigError
 from latticewatch.frame import Frame
-from latticewatch.sources.base import StopFlag
 from latticewatch.io.mdoc import format_section
 from latticewatch.io.readers import SUPPORTED_SUFFIXES, read_frames
+from latticewatch.sources.base import StopFlag
 
-log = logging.getLogger("latticewatch.testing.replay")
+log = logging.getLogger(__name__)
 
 # MRC2014 header offsets (bytes) of the fields SerialEM updates when it appends a section
 _NZ, _MZ, _ZLEN = 8, 36, 48
 
 
-def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05, seed: int = 0) -> Iterator[Frame]:
+def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05,
+                  seed: int = 0) -> Iterator[Frame]:
     """Frames to replay: ``synthetic:N`` (the analytic generator) or every frame of a folder's files.
 
     Examples
@@ -56,8 +58,9 @@ def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_n
         return
     folder = Path(src)
     if not folder.is_dir():
-        raise ValueError(f"{src}: not a folder and not synthetic:N")
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")):
+        raise ConfigError(f"{src}: not a folder and not synthetic:N")
+    files = (p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+    for path in sorted(files):
         yield from read_frames(path)
 
 
@@ -173,7 +176,7 @@ def write_single(directory: Path, index: int, frame: Frame, fmt: str = "mrc") ->
         tifffile.imwrite(path, frame.pixels, photometric="minisblack", compression="zlib",
                          resolution=resolution, resolutionunit="CENTIMETER" if resolution else None)
     else:
-        raise ValueError(f"unknown format {fmt!r}; allowed: mrc, tif")
+        raise ConfigError(f"unknown format {fmt!r}; allowed: mrc, tif")
     return path
 
 
@@ -252,9 +255,11 @@ def replay(
     ['s.mrc', 's.mrc.mdoc', 's.mrc.mdoc~']
     """
     if (to_folder is None) == (to_zmq is None):
-        raise ValueError("give exactly one of to_folder and to_zmq")
+        raise ConfigError("give exactly one of to_folder and to_zmq")
     stack = SerialEMStack(to_folder / serialem_stack) if to_folder is not None and serialem_stack else None
-    publisher = ZmqPublisher(to_zmq, series=series or f"replay-{datetime.now():%Y%m%dT%H%M%S}", socket=zmq_socket) if to_zmq else None
+    publisher = None
+    if to_zmq:
+        publisher = ZmqPublisher(to_zmq, series=series or f"replay-{datetime.now():%Y%m%dT%H%M%S}", socket=zmq_socket)
     if to_folder is not None:
         to_folder.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()

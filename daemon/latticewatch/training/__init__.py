@@ -1,1 +1,1 @@
-"""Training support: synthetic data, datasets, training, evaluation and calibration of the models."""
+"""Training and assessment, used only by the command line: data sets, simulation, fitting, evaluation, calibration."""

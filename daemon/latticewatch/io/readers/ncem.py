@@ -70,7 +70,7 @@ def _file_dm_class() -> type:
 def dm_planes(ctx: ReadContext) -> Iterator[list[Plane]]:
     """The 2-D images of a DM3/DM4 file (3-D data sets slice by slice), thumbnail left out.
 
-    No package writes DM files, so there is no example here; ``tests/io/test_readers.py`` builds
+    No package writes DM files, so there is no example here; ``tests/io/readers/test_ncem.py`` builds
     minimal ones byte by byte.
     """
     # on_memory maps the file for the tag parse: ~4× faster than file reads on a real tag tree
@@ -132,7 +132,7 @@ def _dm_acquired_at(tags: dict[str, Any]) -> datetime | None:
 def ser_planes(ctx: ReadContext) -> Iterator[list[Plane]]:
     """The images of a TIA SER series; sizes are known only once each element is read.
 
-    No package writes SER files, so there is no example here; ``tests/io/test_readers.py`` builds
+    No package writes SER files, so there is no example here; ``tests/io/readers/test_ncem.py`` builds
     minimal ones byte by byte.
     """
     from ncempy.io import ser

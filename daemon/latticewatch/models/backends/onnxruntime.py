@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("latticewatch.models.backends.onnxruntime")
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from latticewatch.errors import ConfigError
+
 __all__ = ["Codec", "load_filter_plugins"]
 
 _CHUNK = 1 << 16  # elements: small chunks keep scale-offset's per-chunk range tight, and stay in cache
@@ -39,7 +41,7 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.name not in self._NAMES:
-            raise ValueError(f"unknown archive codec {self.name!r}: use one of {', '.join(self._NAMES)}")
+            raise ConfigError(f"unknown archive codec {self.name!r}: use one of {', '.join(self._NAMES)}")
 
     @classmethod
     def parse(cls, text: str | Codec) -> Codec:
@@ -53,7 +55,11 @@ class Codec:
         if isinstance(text, Codec):
             return text
         name, _, level = str(text).strip().lower().partition(":")
-        return cls(name, int(level) if level else None)
+        try:
+            number = int(level) if level else None
+        except ValueError:
+            raise ConfigError(f"bad archive codec {text!r}: the level must be a whole number (NAME:LEVEL)") from None
+        return cls(name, number)
 
     def __str__(self) -> str:
         return self.name if self.level is None else f"{self.name}:{self.level}"

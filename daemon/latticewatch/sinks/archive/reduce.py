@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from latticewatch.errors import ConfigError, InputError
 from latticewatch.sinks.archive.bitpack import container_bits, pack_codes
 from latticewatch.sinks.archive.runs import change_points, dilate_square, length_dtype, rle, run_lengths, runs_to_bool
 
@@ -53,9 +54,9 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.kind not in ("drop", "mean", "quantize"):
-            raise ValueError(f"unknown archive policy {self.kind!r}: use drop[:FILL], mean or quantize:N")
+            raise ConfigError(f"unknown archive policy {self.kind!r}: use drop[:FILL], mean or quantize:N")
         if self.kind == "quantize" and not 1 <= self.bits <= 16:
-            raise ValueError(f"quantize:N needs 1 <= N <= 16 bits, got {self.bits}")
+            raise ConfigError(f"quantize:N needs 1 <= N <= 16 bits, got {self.bits}")
 
     @classmethod
     def parse(cls, text: str | Policy) -> Policy:
@@ -71,9 +72,9 @@ class Policy:
                 return cls("mean")
             if name == "quantize" and arg:
                 return cls("quantize", bits=int(arg))
-        except ValueError as exc:
-            raise ValueError(f"bad archive policy {text!r}: {exc} (use drop[:FILL], mean or quantize:N)") from None
-        raise ValueError(f"bad archive policy {text!r}: use drop[:FILL], mean or quantize:N")
+        except ValueError as exc:  # a number that is not one, or out of range (ConfigError above)
+            raise ConfigError(f"bad archive policy {text!r}: {exc} (use drop[:FILL], mean or quantize:N)") from None
+        raise ConfigError(f"bad archive policy {text!r}: use drop[:FILL], mean or quantize:N")
 
     def __str__(self) -> str:
         if self.kind == "drop":
@@ -97,11 +98,11 @@ def margin_to_pixels(margin_nm: float, pixel_size_nm: float | None) -> tuple[int
     (3, 'px')
     """
     if margin_nm < 0:
-        raise ValueError(f"archive margin must be >= 0, got {margin_nm}")
+        raise ConfigError(f"archive margin must be >= 0, got {margin_nm}")
     if pixel_size_nm is None:
         return math.ceil(round(margin_nm, 9)), "px"
     if pixel_size_nm <= 0:
-        raise ValueError(f"pixel size must be > 0 nm, got {pixel_size_nm}")
+        raise InputError(f"pixel size must be > 0 nm, got {pixel_size_nm}")
     # round() first: 0.5 / 0.02 is 25.000000000000004 and must not become 26
     return math.ceil(round(margin_nm / pixel_size_nm, 9)), "nm"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from latticewatch.errors import ConfigError
 from latticewatch.frame import Analysis, Frame
 
 __all__ = ["UncertaintyRule", "lossless_reason"]
@@ -52,7 +53,7 @@ class UncertaintyRule:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown uncertainty rule keys {unknown}: allowed are {sorted(names)}")
+            raise ConfigError(f"unknown uncertainty rule keys {unknown}: allowed are {sorted(names)}")
         if "uncertain_band" in data:
             data["uncertain_band"] = tuple(data["uncertain_band"])
         return cls(**data)

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from latticewatch import __version__
+from latticewatch.errors import ConfigError
 from latticewatch.frame import Analysis, Frame
 from latticewatch.io.atomic import write_atomic
 from latticewatch.sinks.archive.codec import Codec
@@ -188,7 +189,7 @@ class ArchiveWriter:
         self.segments_dir = self._session.segments
         self.policy = Policy.parse(policy)
         if margin_nm < 0:
-            raise ValueError(f"archive margin must be >= 0 nm, got {margin_nm}")
+            raise ConfigError(f"archive margin must be >= 0 nm, got {margin_nm}")
         self.margin_nm = float(margin_nm)
         self.reduce = bool(reduce)
         self.low_value_class = int(low_value_class)

@@ -39,7 +39,7 @@ from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule
 from latticewatch.sinks.events import Event, FrameEvent
 from latticewatch.sinks.reports import overlay_image
 
-log = logging.getLogger("latticewatch.sinks.dashboard")
+log = logging.getLogger(__name__)
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -154,6 +154,12 @@ class DashboardSink:
         log.info("dashboard on %s", self.url)
 
     @property
+    def thumbnail_png(self) -> bytes:
+        """The latest frame's thumbnail as PNG (empty before the first one is rendered)."""
+        with self._png_lock:
+            return self._png
+
+    @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
@@ -247,85 +253,97 @@ def _max_seconds(path: str) -> float | None:
     return value if value > 0 else None
 
 
-def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "latticewatch-dashboard"
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # a client that stops reading is cut off
+class _Handler(BaseHTTPRequestHandler):
+    """One HTTP request to the dashboard; `_handler` binds it to a sink."""
 
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.debug("%s " + fmt, self.address_string(), *args)
+    server_version = "latticewatch-dashboard"
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a client that stops reading is cut off
+    sink: DashboardSink
 
-        def _send(self, status: int, body: bytes, ctype: str, *, cache: bool = False) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "max-age=60" if cache else "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: int, body: bytes, ctype: str, *, cache: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=60" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, dumps(data).encode(), "application/json")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in STATIC:
+            name, ctype = STATIC[path]
+            self._send(HTTPStatus.OK, _static(name), ctype)
+        elif path in self.ROUTES:
+            self.ROUTES[path](self)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    def _verdict(self) -> None:
+        verdict = self.sink.state.verdict
+        if verdict is None:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"verdict": None, "reason": "no frame analysed yet",
+                                                       "rule": str(self.sink.state.rule)})
+        else:
+            self._json(HTTPStatus.OK, verdict)
+
+    def _state(self) -> None:
+        self._json(HTTPStatus.OK, self.sink.state.snapshot())
+
+    def _thumbnail(self) -> None:
+        png = self.sink.thumbnail_png
+        if png:
+            self._send(HTTPStatus.OK, png, "image/png")
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"no frame yet\n", "text/plain")
+
+    def _healthz(self) -> None:
+        self._send(HTTPStatus.OK, b"ok\n", "text/plain")
+
+    def _events(self) -> None:
+        max_s = _max_seconds(self.path)
+        client = self.sink.hub.join()
+        until = time.monotonic() + max_s if max_s else None
+        try:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _json(self, status: int, data: Any) -> None:
-            self._send(status, dumps(data).encode(), "application/json")
-
-        def do_HEAD(self) -> None:
-            self.do_GET()
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path in STATIC:
-                name, ctype = STATIC[path]
-                self._send(HTTPStatus.OK, _static(name), ctype)
-            elif path == "/api/verdict/latest":
-                verdict = sink.state.verdict
-                if verdict is None:
-                    self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"verdict": None, "reason": "no frame analysed yet",
-                                                               "rule": str(sink.state.rule)})
-                else:
-                    self._json(HTTPStatus.OK, verdict)
-            elif path == "/api/state":
-                self._json(HTTPStatus.OK, sink.state.snapshot())
-            elif path == "/thumbnail.png":
-                with sink._png_lock:
-                    png = sink._png
-                if png:
-                    self._send(HTTPStatus.OK, png, "image/png")
-                else:
-                    self._send(HTTPStatus.NOT_FOUND, b"no frame yet\n", "text/plain")
-            elif path == "/healthz":
-                self._send(HTTPStatus.OK, b"ok\n", "text/plain")
-            elif path == "/events":
-                self._events(_max_seconds(self.path))
-            else:
-                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-
-        def _events(self, max_s: float | None) -> None:
-            client = sink.hub.join()
-            until = time.monotonic() + max_s if max_s else None
-            try:
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                first = dumps(sink.state.snapshot(), separators=(",", ":")).encode()
-                self.wfile.write(b"retry: 2000\nevent: snapshot\ndata: " + first + b"\n\n")
+            self.close_connection = True
+            first = dumps(self.sink.state.snapshot(), separators=(",", ":")).encode()
+            self.wfile.write(b"retry: 2000\nevent: snapshot\ndata: " + first + b"\n\n")
+            self.wfile.flush()
+            while not client.dropped and (until is None or time.monotonic() < until):
+                try:
+                    wait = min(15.0, max(until - time.monotonic(), 0.01)) if until else 15.0
+                    message = client.queue.get(timeout=wait)
+                except queue.Empty:
+                    message = b": keep-alive\n\n"
+                if message is None:
+                    break
+                self.wfile.write(message)
                 self.wfile.flush()
-                while not client.dropped and (until is None or time.monotonic() < until):
-                    try:
-                        wait = min(15.0, max(until - time.monotonic(), 0.01)) if until else 15.0
-                        message = client.queue.get(timeout=wait)
-                    except queue.Empty:
-                        message = b": keep-alive\n\n"
-                    if message is None:
-                        break
-                    self.wfile.write(message)
-                    self.wfile.flush()
-            except OSError:
-                pass  # the browser went away
-            finally:
-                sink.hub.leave(client)
+        except OSError:
+            pass  # the browser went away
+        finally:
+            self.sink.hub.leave(client)
 
-    return Handler
+    ROUTES = {"/api/verdict/latest": _verdict, "/api/state": _state, "/thumbnail.png": _thumbnail,
+              "/healthz": _healthz, "/events": _events}
+
+
+def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of one sink's server."""
+    return type("Handler", (_Handler,), {"sink": sink})

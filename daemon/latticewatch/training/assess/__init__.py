@@ -1,0 +1,1 @@
+"""Assessing models: metrics, classical baselines, evaluation, cross-validation, calibration."""

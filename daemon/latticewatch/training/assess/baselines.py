@@ -36,11 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import fft as sfft
 from scipy import ndimage
 
+from latticewatch.errors import ConfigError
 from latticewatch.stages.preprocess import median3x3
 from latticewatch.training.assess.metrics import counts_above, pooled_dice
-from latticewatch.errors import ConfigError
 
-log = logging.getLogger("latticewatch.training.assess.baselines")
+log = logging.getLogger(__name__)
 
 #: Quantiles of the pooled training scores tried as thresholds.
 _THRESHOLD_QUANTILES = np.linspace(0.005, 0.995, 199)

@@ -30,7 +30,7 @@ from latticewatch.training.data.supervised import PreparedSet, prepare_labelled,
 from latticewatch.training.fit.fold import content_ratio_spearman, train_fold
 from latticewatch.training.fit.unet import UNetTrainingConfig
 
-log = logging.getLogger("latticewatch.training.assess.cross_validation")
+log = logging.getLogger(__name__)
 
 #: Settings that must agree for folds of an earlier (interrupted) run to be reused.
 _SAME_RUN_KEYS = ("architecture", "widths", "folds", "fold_seed", "normalisation", "pixel_size_nm", "val_fraction",

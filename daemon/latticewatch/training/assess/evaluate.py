@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from latticewatch.frame import Analysis, Frame
 from latticewatch.errors import FrameError
+from latticewatch.frame import Analysis, Frame
 from latticewatch.runtime.analyser import Analyser, Prepared, nearest_index
 from latticewatch.runtime.batch import Batch, Failure
 from latticewatch.training.assess.baselines import BASELINES, Baseline, BaselineError, baseline_from_dict, make_baseline
+from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics
 from latticewatch.training.data.labelled import (
     LabelledDataError,
     LabelledImage,
@@ -41,9 +42,8 @@ from latticewatch.training.data.labelled import (
     load_labelled,
     read_mask,
 )
-from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics
 
-log = logging.getLogger("latticewatch.training.assess.evaluate")
+log = logging.getLogger(__name__)
 
 #: Seed of the deterministic split used when baselines are cross-fitted on the evaluation set.
 CROSS_FIT_SEED = 0
@@ -197,7 +197,8 @@ class BaselinePlan:
         return {
             "source": self.source,
             "note": self.note,
-            "groups": [{"images": names, "params": {k: b.to_dict() for k, b in fitted.items()}} for names, fitted in self.groups],
+            "groups": [{"images": names, "params": {k: b.to_dict() for k, b in fitted.items()}}
+                       for names, fitted in self.groups],
         }
 
 
@@ -250,17 +251,20 @@ def plan_baselines(
         return BaselinePlan("manifest", "parameters stored in the profile manifest", [(all_names, fitted)])
     if fit_data is not None:
         images, masks = prepared_images(analyser, fit_data)
-        return BaselinePlan("fit_set", f"fitted on {len(fit_data)} images of the fitting set", [(all_names, fit_baselines(names, images, masks))])
+        return BaselinePlan("fit_set", f"fitted on {len(fit_data)} images of the fitting set",
+                            [(all_names, fit_baselines(names, images, masks))])
     by_name = {s.name: s for s in scored}
     try:
         halves = group_folds(all_names, 2, seed=CROSS_FIT_SEED)
     except LabelledDataError:
         # a single series cannot be split: fitting and scoring overlap, and the note says so
         fitted = fit_baselines(names, [s.model_image for s in scored], [s.model_truth for s in scored])
-        return BaselinePlan("in_sample", "fitted on the evaluation set itself (one series, cannot split): optimistic", [(all_names, fitted)])
+        return BaselinePlan("in_sample", "fitted on the evaluation set itself (one series, cannot split): optimistic",
+                            [(all_names, fitted)])
     groups = []
     for scored_half, fit_half in ((halves[1], halves[0]), (halves[0], halves[1])):
-        fitted = fit_baselines(names, [by_name[n].model_image for n in fit_half], [by_name[n].model_truth for n in fit_half])
+        fit_scored = [by_name[n] for n in fit_half]
+        fitted = fit_baselines(names, [s.model_image for s in fit_scored], [s.model_truth for s in fit_scored])
         groups.append((scored_half, fitted))
     return BaselinePlan(
         "cross_fit",
@@ -268,6 +272,31 @@ def plan_baselines(
         "scored on the other, and vice versa",
         groups,
     )
+
+
+def score_baselines(names: Sequence[str], plan: BaselinePlan | None,
+                    scored: Sequence[ScoredImage]) -> dict[str, Method]:
+    """Each baseline's predictions on the images it was not fitted on, as the plan's groups say.
+
+    Examples
+    --------
+    >>> methods = score_baselines(["bragg"], plan_baselines(["bragg"], analyser, scored), scored)  # doctest: +SKIP
+    >>> methods["bragg"].report(False)["dice"]  # doctest: +SKIP
+    0.71
+    """
+    methods = {n: Method() for n in names}
+    by_name = {s.name: s for s in scored}
+    for group_names, fitted in plan.groups if plan else []:
+        for image_name in group_names:
+            s = by_name[image_name]
+            for n in names:
+                predicted = resize_nearest(fitted[n].predict(s.model_image), s.truth.shape)
+                methods[n].add(image_name, predicted, s.truth)
+    # per-image lists in the order of the evaluation set, whatever order the groups scored them
+    order = {s.name: i for i, s in enumerate(scored)}
+    for m in methods.values():
+        m.per_image.sort(key=lambda item: order[item[0]])
+    return methods
 
 
 def evaluate(
@@ -330,7 +359,8 @@ def evaluate(
     t = manifest.segmentation.threshold if threshold is None else float(threshold)
     if threshold is not None:
         # the isolated mask must be what `process` would give with this threshold in the manifest
-        analyser.manifest = manifest.model_copy(update={"isolation": manifest.isolation.model_copy(update={"threshold": t})})
+        isolation = manifest.isolation.model_copy(update={"threshold": t})
+        analyser.manifest = manifest.model_copy(update={"isolation": isolation})
     names = list(baselines)
     fit_data = None
     if fit_images is not None or fit_labels is not None:
@@ -348,18 +378,7 @@ def evaluate(
     plan = plan_baselines(names, analyser, scored, fit_data=fit_data)
     if plan is not None and plan.source in ("cross_fit", "in_sample"):
         log.info("baselines: %s", plan.note)  # the command line prints it as a warning
-    methods = {n: Method() for n in names}
-    by_name = {s.name: s for s in scored}
-    for group_names, fitted in plan.groups if plan else []:
-        for image_name in group_names:
-            s = by_name[image_name]
-            for n in names:
-                predicted = resize_nearest(fitted[n].predict(s.model_image), s.truth.shape)
-                methods[n].add(image_name, predicted, s.truth)
-    # per-image lists in the order of the evaluation set, whatever order the groups scored them
-    order = {s.name: i for i, s in enumerate(scored)}
-    for m in methods.values():
-        m.per_image.sort(key=lambda item: order[item[0]])
+    methods = score_baselines(names, plan, scored)
 
     return {
         "profile": f"{manifest.name}@{manifest.version}",
@@ -385,7 +404,8 @@ _COLUMNS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("precision", "precision")
 def format_report(report: dict[str, Any]) -> str:
     """The human table of :func:`evaluate`'s report (one row per method, pooled metrics)."""
     t = report["threshold"]
-    rows = [("model", f"model (p >= {t:.2f})", report["model"]), ("isolated", "model, isolated", report["model_isolated"])]
+    rows = [("model", f"model (p >= {t:.2f})", report["model"]),
+            ("isolated", "model, isolated", report["model_isolated"])]
     rows += [(name, f"{name} baseline", m) for name, m in report["baselines"].items()]
     width = max(len(r[1]) for r in rows)
     lines = [f"profile {report['profile']} on {report['n_images']} labelled image(s) from {report['images']}",
@@ -400,9 +420,10 @@ def format_report(report: dict[str, Any]) -> str:
         pad = max(5, *(len(p["name"]) for p in report["model"]["per_image"]))
         lines += ["", "Dice per image:", "image".ljust(pad) + "  " + "  ".join(f"{short:>9}" for short, _, _ in rows)]
         for i, entry in enumerate(report["model"]["per_image"]):
-            lines.append(entry["name"].ljust(pad) + "  " + "  ".join(f"{m['per_image'][i]['dice']:>9.3f}" for _, _, m in rows))
+            dice = (f"{m['per_image'][i]['dice']:>9.3f}" for _, _, m in rows)
+            lines.append(entry["name"].ljust(pad) + "  " + "  ".join(dice))
     return "\n".join(lines)
 
 
-__all__ = ["METRIC_KEYS", "evaluate", "format_report", "parse_baselines", "plan_baselines", "resize_nearest", "run_model",
-           "score_files", "score_frame"]
+__all__ = ["METRIC_KEYS", "evaluate", "format_report", "parse_baselines", "plan_baselines", "resize_nearest",
+           "run_model", "score_baselines", "score_files", "score_frame"]

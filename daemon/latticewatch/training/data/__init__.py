@@ -1,0 +1,1 @@
+"""Training data: labelled folders on disk, preprocessing like the analyser, augmentation."""

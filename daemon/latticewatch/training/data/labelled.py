@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latticewatch.io.readers import ReadError, read_frames
 from latticewatch.errors import InputError
+from latticewatch.io.readers import ReadError, read_frames
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 IMAGE_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".png", ".dm3", ".dm4", ".ser", ".emd")

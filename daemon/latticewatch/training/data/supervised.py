@@ -15,7 +15,7 @@ import numpy as np
 from latticewatch.stages.preprocess import Normalisation, preprocess, resample
 from latticewatch.training.data.labelled import LabelledDataError, LabelledImage, group_folds, series_of
 
-log = logging.getLogger("latticewatch.training.data.supervised")
+log = logging.getLogger(__name__)
 
 #: Pixel sizes within this relative spread count as one sampling.
 PIXEL_SIZE_RTOL = 0.01

@@ -1,0 +1,1 @@
+"""Fitting models: the segmentation net, the forest, cross-validation folds, whole profiles."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from latticewatch.errors import InputError
+from latticewatch.errors import ConfigError, InputError
 from latticewatch.frame import CLASSES
 from latticewatch.models.manifest import (
     Manifest,
@@ -39,7 +39,7 @@ from latticewatch.models.manifest import (
 from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
 from latticewatch.stages.preprocess import preprocess
 
-log = logging.getLogger("latticewatch.training.fit.classifier")
+log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("crop", "mask", "class", "image", "instance", "pixel_size_nm")
 
@@ -124,7 +124,7 @@ def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | N
     region = resize_nearest(np.asarray(mask, bool), pre.image.shape)
     rows, cols = np.nonzero(region)
     if rows.size == 0:
-        raise ValueError("the region mask is empty at the model's pixel size")
+        raise InputError("the region mask is empty at the model's pixel size")
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     return region_features(pre.image[box], region[box], pre.pixel_size_nm)
 
@@ -155,7 +155,7 @@ def features_from_index(index: Path, manifest: Manifest, *, progress: bool = Fal
             frame = next(iter(read_frames(crop_path)))
             mask = read_mask(mask_path)
             if mask.shape != frame.pixels.shape:
-                raise ValueError(f"mask {mask_path} is {mask.shape}, crop is {frame.pixels.shape}")
+                raise InputError(f"mask {mask_path} is {mask.shape}, crop is {frame.pixels.shape}")
             pixel_size = row.pixel_size_nm or frame.pixel_size_nm
             feats = crop_features(frame.pixels, mask, pixel_size, manifest)
         except (ReadError, OSError, StopIteration, LabelledDataError, ValueError) as err:
@@ -206,10 +206,10 @@ def split_by_image(y: np.ndarray, groups: np.ndarray, test_fraction: float, seed
     from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test fraction must lie between 0 and 1, got {test_fraction}")
+        raise ConfigError(f"test fraction must lie between 0 and 1, got {test_fraction}")
     n_groups = len(set(groups.tolist()))
     if n_groups < 2:
-        raise ValueError(f"all crops come from one image ({groups[0]}): cannot hold out a test image")
+        raise InputError(f"all crops come from one image ({groups[0]}): cannot hold out a test image")
     k = max(2, min(n_groups, int(round(1 / test_fraction))))
     try:
         folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -44,7 +44,7 @@ from latticewatch.training.fit.unet import (
     train_unet,
 )
 
-log = logging.getLogger("latticewatch.training.fit.profile")
+log = logging.getLogger(__name__)
 
 #: Largest ONNX-vs-reference probability difference accepted when a trained model is exported.
 #: Random-weight networks agree to < 1e-4 (tested); trained ones reach ~2e-4 at a few uncertain

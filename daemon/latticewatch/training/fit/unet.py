@@ -31,7 +31,7 @@ from latticewatch.training.assess.metrics import PixelCounts, pooled_dice
 from latticewatch.training.data.augment import random_dihedral, random_rotation_crop
 from latticewatch.training.data.supervised import PreparedSet
 
-log = logging.getLogger("latticewatch.training.fit.unet")
+log = logging.getLogger(__name__)
 
 #: Images or masks: an (N, H, W) array or a sequence of 2-D arrays (of any sizes).
 ImageSet = np.ndarray | Sequence[np.ndarray]

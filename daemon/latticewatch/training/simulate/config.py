@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from latticewatch.errors import ConfigError
 from latticewatch.frame import CLASSES
 from latticewatch.training.simulate.structures.stacking import STRUCTURES
 
@@ -216,7 +217,7 @@ def preset_config(name: str = "default", **overrides: Any) -> SimulationConfig:
     (0.02, 0.03)
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return SimulationConfig(**values)
 

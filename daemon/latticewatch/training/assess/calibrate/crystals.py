@@ -78,24 +78,24 @@ def d_spacing(material: str, reflection: str) -> float:
         if len(hkl) != 3:
             raise CalibrationError(f"{key} is cubic: give three Miller indices, not {reflection!r}")
         if not _allowed(crystal.structure, hkl):
-            allowed = [f"{h}{k}{l}" for h, k, l in _low_index(crystal.structure)]
+            allowed = [f"{h}{k}{ell}" for h, k, ell in _low_index(crystal.structure)]
             raise CalibrationError(f"{key} ({reflection}) is a forbidden reflection of {crystal.structure}; "
                                    f"allowed low-index ones: {', '.join(allowed)}")
         return crystal.a / math.sqrt(sum(i * i for i in hkl))
     if len(hkl) == 4:
-        h, k, i, l = hkl
+        h, k, i, ell = hkl
         if i != -(h + k):
             raise CalibrationError(f"reflection {reflection!r}: in four-index notation i must equal −(h+k)")
     else:
-        h, k, l = hkl
+        h, k, ell = hkl
     if crystal.structure == "hexagonal2d":
-        if l:
+        if ell:
             raise CalibrationError(f"{key} is a single layer: only (hk0) reflections, not {reflection!r}")
         inverse_d2 = 4 / 3 * (h * h + h * k + k * k) / crystal.a**2
     else:
-        if l % 2 and (h - k) % 3 == 0:
+        if ell % 2 and (h - k) % 3 == 0:
             raise CalibrationError(f"{key} ({reflection}) is forbidden in wurtzite (l odd with h−k = 3n)")
-        inverse_d2 = 4 / 3 * (h * h + h * k + k * k) / crystal.a**2 + l * l / crystal.c**2
+        inverse_d2 = 4 / 3 * (h * h + h * k + k * k) / crystal.a**2 + ell * ell / crystal.c**2
     return 1.0 / math.sqrt(inverse_d2)
 
 

@@ -15,7 +15,7 @@ from latticewatch.errors import ConfigError
 from latticewatch.io.atomic import write_atomic
 from latticewatch.runtime.batch import Batch, Failure, micrograph_files
 
-log = logging.getLogger("latticewatch.training.assess.calibrate.int8_set")
+log = logging.getLogger(__name__)
 
 #: Statistics describing each tile, in the order of the ``stats`` array.
 INT8_STATS = ("mean", "std", "coverage")

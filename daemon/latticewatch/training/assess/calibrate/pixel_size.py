@@ -25,7 +25,7 @@ from latticewatch.io.atomic import write_atomic
 from latticewatch.training.assess.calibrate.crystals import CRYSTALS, d_spacing
 from latticewatch.training.assess.calibrate.fringes import FringeMeasurement, measure_fringe_frequency
 
-log = logging.getLogger("latticewatch.training.assess.calibrate.pixel_size")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
