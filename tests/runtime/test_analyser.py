@@ -86,3 +86,24 @@ def test_bad_frames_are_refused_with_their_id(analyser, pixels, message):
     with pytest.raises(FrameError, match=message) as err:
         analyser.analyse(Frame("cam#12", pixels, 0.05))
     assert str(err.value).startswith("cam#12:")
+
+
+def test_the_forest_sees_its_own_normalisation_whatever_the_network_uses(tmp_path, analyser, sample):
+    """A profile whose network is normalised otherwise still gives the forest the features it was trained on."""
+    import json
+    import shutil
+
+    copy = tmp_path / "profile"
+    shutil.copytree(analyser.directory, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["classifier"].get("normalisation", "max") == "max" == manifest["segmentation"]["normalisation"]
+    manifest["segmentation"]["normalisation"] = "percentile"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    other = Analyser(copy, threads=1)
+    frame = Frame("t:1", sample.image, 0.025)
+    ours, theirs = analyser.prepare(frame), other.prepare(frame)
+    assert not np.allclose(ours.pre.image, theirs.pre.image)  # the networks see different images
+    probability = analyser.segment_batch([ours])[0]  # one map for both, so the regions are the same
+    expected, got = analyser.finish(ours, probability), other.finish(theirs, probability)
+    assert len(got.regions) == len(expected.regions) > 0
+    assert [r.features for r in got.regions] == [r.features for r in expected.regions]

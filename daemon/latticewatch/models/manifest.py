@@ -64,6 +64,8 @@ class ClassifierModel(_Strict):
     skops: str
     classes: tuple[str, ...] = CLASSES
     features: tuple[str, ...]
+    normalisation: Normalisation = Field(
+        "max", description="intensity normalisation its features were computed with; the segmentation's may differ")
 
 
 class ArchiveRules(_Strict):

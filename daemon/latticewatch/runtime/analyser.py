@@ -177,7 +177,10 @@ class Analyser:
             clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
             labels, isolated = isolate(clean)
         with _timed(timings, "features"):
-            features = [region_features(pre.image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
+            seg, clf = self.manifest.segmentation, self.manifest.classifier
+            # the forest's features are computed the way it was trained, whatever the network needs
+            feature_image = pre.normalised(clf.normalisation, seg.normalisation) if clf else pre.image
+            features = [region_features(feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
         with _timed(timings, "classify"):
             verdicts = self.classifier(features) if self.classifier else [("unclassified", {})] * len(isolated)

@@ -130,6 +130,11 @@ class Preprocessed:
     image: np.ndarray  # float32, at the model's pixel size, not padded
     scale: float  # model pixels per original pixel
     pixel_size_nm: float | None  # pixel size of ``image``
+    filtered: np.ndarray  # ``image`` before normalisation, for a stage that normalises its own way
+
+    def normalised(self, method: Normalisation, current: Normalisation) -> np.ndarray:
+        """The image under ``method``; ``current`` is how `image` was normalised (no work when they agree)."""
+        return self.image if method == current else normalise(self.filtered, method)
 
 
 def preprocess(
@@ -157,4 +162,5 @@ def preprocess(
         image = resample(pixels.astype(np.float32), pixel_size_nm / model_pixel_size_nm)
         scale = image.shape[0] / pixels.shape[0]
         sampled_nm = pixel_size_nm / scale
-    return Preprocessed(normalise(median3x3(image), normalisation), scale, sampled_nm)
+    filtered = median3x3(image)
+    return Preprocessed(normalise(filtered, normalisation), scale, sampled_nm, filtered)

@@ -37,7 +37,7 @@ from latticewatch.models.manifest import (
     write_manifest,
 )
 from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
-from latticewatch.stages.preprocess import preprocess
+from latticewatch.stages.preprocess import Normalisation, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ def read_crop_index(path: Path) -> list[CropRow]:
     return rows
 
 
+def feature_normalisation(manifest: Manifest) -> Normalisation:
+    """How a profile's forest sees intensities: as its manifest says, else ``max`` (Groschner et al.), whatever
+    normalisation the segmentation network uses."""
+    return manifest.classifier.normalisation if manifest.classifier else "max"
+
+
 def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None,
                   manifest: Manifest) -> dict[str, float]:
     """The five features of one region crop, preprocessed as the profile's analyser would.
@@ -120,7 +126,8 @@ def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | N
     from latticewatch.training.assess.evaluate import resize_nearest
 
     seg = manifest.segmentation
-    pre = preprocess(pixels, pixel_size_nm, normalisation=seg.normalisation, model_pixel_size_nm=seg.pixel_size_nm)
+    pre = preprocess(pixels, pixel_size_nm, normalisation=feature_normalisation(manifest),
+                     model_pixel_size_nm=seg.pixel_size_nm)
     region = resize_nearest(np.asarray(mask, bool), pre.image.shape)
     rows, cols = np.nonzero(region)
     if rows.size == 0:
@@ -268,7 +275,8 @@ def train_classifier(
 
     def change(m: dict[str, Any]) -> None:
         m["files"][name] = digest
-        m["classifier"] = {"skops": name, "classes": list(CLASSES), "features": list(FEATURE_NAMES)}
+        m["classifier"] = {"skops": name, "classes": list(CLASSES), "features": list(FEATURE_NAMES),
+                           "normalisation": feature_normalisation(manifest)}
         m["training"]["classifier"] = {"command": command, "data": features.source, "metrics": metrics}
 
     with atomic_path(out / name) as tmp:
