@@ -100,6 +100,8 @@ class Analysis:
     mean_confidence: float
     warnings: tuple[str, ...] = ()
     probability: np.ndarray | None = None  # float32 particle probability at original shape
+    # why the model's answer is not to be trusted (whole-frame region, p near 0.5 …); empty when in its domain
+    out_of_domain: tuple[str, ...] = ()
 
     @property
     def coverage(self) -> float:

@@ -110,3 +110,24 @@ def test_process_archives_and_restore_round_trips(tmp_path, inputs, frames, caps
     assert main(["restore", str(root), "--frame", report["frame_id"], "--out", str(out_mrc)]) == 0
     with mrcfile.open(out_mrc) as m:
         np.testing.assert_array_equal(m.data[mask] if m.data.ndim == 2 else m.data[0][mask], frames[0].image[mask])
+
+
+def test_process_prints_every_analysis_warning_on_stderr_and_marks_a_frame_out_of_domain(tmp_path, frames, capsys):
+    """A crystal film filling the frame is outside the nanoparticle model's domain; a PNG carries no pixel size."""
+    y, x = np.mgrid[:256, :256] * 0.05
+    film = 1000 + 50 * (np.cos(2 * np.pi * x / 0.25) + np.cos(2 * np.pi * (0.5 * x + 0.866 * y) / 0.25))
+    path = tmp_path / "film.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(np.random.default_rng(0).poisson(film).astype(np.uint16))
+        m.voxel_size = 0.5  # Å
+    png = tmp_path / "nopixelsize.png"
+    Image.fromarray((frames[0].image[:256, :256] // 256).astype(np.uint8)).save(png)
+    assert main(["process", str(path), str(png), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: " in captured.err and "film.mrc: model_out_of_domain: one region spans the frame" in captured.err
+    assert "nopixelsize.png: pixel size unknown" in captured.err
+    row = next(line for line in captured.out.splitlines() if line.startswith("film"))
+    assert row.startswith("film !") and "ood" in row
+    assert "! model out of domain" in captured.out
+    report = json.loads((tmp_path / "o" / "film.json").read_text())
+    assert report["out_of_domain"] and report["out_of_domain"][0].startswith("one region spans the frame")

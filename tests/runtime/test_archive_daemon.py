@@ -80,9 +80,17 @@ def test_every_frame_is_archived_once_and_marked_archived_after_the_receipt(anal
     assert states(state.root) == {"archived": 4, "quarantined": 2}
     assert stats.archive["archived"] == 5 and stats.archive["backlog"] == 0 and stats.archive["outages"] == 0
     reader = ArchiveReader(tmp_path / "archive" / "s")
+    from_backlog = 0
     for frame_id in ("m:0", "m:1", "m:2", "m:3"):
         frame = reader.read(frame_id)
-        assert frame.analysis is not None and frame.pixel_size_nm == pytest.approx(0.05)
+        assert frame.pixel_size_nm == pytest.approx(0.05)
+        if "backlog" in frame.provenance.get("note", ""):  # found the queue full: whole and lossless, by design
+            from_backlog += 1
+            assert frame.analysis is None and np.array_equal(frame.pixels(), synthetic_images[int(frame_id[2:])])
+        else:
+            assert frame.analysis is not None
+    from_backlog += "backlog" in reader.read("m:nan").provenance.get("note", "")
+    assert from_backlog == stats.archive["from_backlog"] == stats.archive["queue_full"]
     kept = reader.read("m:nan")  # unanalysable: whole and lossless, no analysis
     assert kept.analysis is None and np.array_equal(kept.pixels(), nan.pixels, equal_nan=True)
     assert list(state.spool_dir.iterdir()) == []  # stream frames leave the spool once archived

@@ -95,7 +95,8 @@ def test_sink_serves_page_verdict_thumbnail_and_events(tmp_path, events_of):
         while not (tmp_path / "verdict.json").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert json.loads((tmp_path / "verdict.json").read_text())["frame_id"] == "cam:3"
-        while json.loads(get(sink.url + "/api/state")[2])["thumbnail"] != {"version": 1, "frame_id": "cam:3"}:
+        while json.loads(get(sink.url + "/api/state")[2])["thumbnail"] != {"version": 1, "frame_id": "cam:3",
+                                                                  "out_of_domain": []}:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         status, ctype, png = get(sink.url + "/thumbnail.png")

@@ -51,6 +51,15 @@ def test_bezier_zscore_removes_quadratic_illumination():
     assert abs(z[: h // 2].mean() - z[h // 2 :].mean()) < 0.1
 
 
+def test_zscore_does_not_depend_on_gain_or_offset():
+    x = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    z = normalise(x, "zscore")
+    assert z.dtype == np.float32 and abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-4
+    np.testing.assert_allclose(normalise(3.7 * x + 1000, "zscore"), z, atol=1e-3)
+    assert not np.allclose(normalise(0.5 * x + 0.5, "max"), normalise(x, "max"), atol=1e-2)  # what max does
+    assert not normalise(np.full((4, 4), 7.0), "zscore").any()  # a flat frame: zeros, not NaN
+
+
 def test_unknown_normalisation_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown normalisation 'zz'"):
         normalise(np.ones((4, 4)), "zz")

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed repetitions per measurement (default: %(default)s)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference pipeline (it needs torch)")
     p.add_argument("--archive", action="store_true", help="benchmark the archive encoder/decoder instead")
+    p.add_argument("--archive-frames", nargs="+", default=[], metavar="FILE",
+                   help="with --archive: also archive these micrographs lossless, beside zstd of their raw bytes")
     add_threads(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
@@ -42,7 +44,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.archive:
         from latticewatch.sinks.archive.bench import format_bench_table, run_archive_bench
 
-        results = run_archive_bench(repeats=args.repeats)
+        results = run_archive_bench(repeats=args.repeats, frames=args.archive_frames)
         print(json.dumps(results, indent=2) if args.json else format_bench_table(results))
         return EXIT_OK
     from latticewatch.runtime.bench import format_results, run_pipeline_bench

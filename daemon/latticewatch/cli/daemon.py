@@ -24,7 +24,11 @@ from latticewatch.cli.common import (
 from latticewatch.errors import ConfigError, StateError
 
 if TYPE_CHECKING:  # the parser is built for every command; the config models only to run one
+    from collections.abc import Iterator
+
     from latticewatch.config import Config
+    from latticewatch.frame import Frame
+    from latticewatch.testing.demo_score import DemoScore
 
 #: What ``events --topic`` accepts (``latticewatch.`` prefix optional): the event types, and
 #: ``defect`` for particles labelled stacking_fault.
@@ -38,6 +42,9 @@ CONFIG_OVERRIDES: dict[str, tuple[str | None, str]] = {
     "metrics_port": ("metrics", "port"),
     "dashboard_port": ("dashboard", "port"),
 }
+
+#: The demo's folder source and the SerialEM stack it replays into: frame ids are ``demo:demo.mrc#<section>``.
+DEMO_SOURCE, DEMO_STACK = "demo", "demo.mrc"
 
 
 def topic_arg(text: str) -> str:
@@ -152,8 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from latticewatch.config import parse_config
-    from latticewatch.runtime.daemon import stop_on_signals
-    from latticewatch.testing.replay import replay, source_frames
+    from latticewatch.runtime.daemon import run_daemon, stop_on_signals
+    from latticewatch.testing.demo_score import DemoScore, format_summary
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="latticewatch-demo-"))
     incoming = root / "incoming"
@@ -161,32 +168,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "profile": args.profile,
         "data_dir": str(root / "data"),
         "runtime": {"budget_ms": args.budget_ms},
-        "sources": {"demo": {"kind": "folder", "path": str(incoming), "settle_s": 0.5}},
+        "sources": {DEMO_SOURCE: {"kind": "folder", "path": str(incoming), "settle_s": 0.5}},
     }), args)
     stop = threading.Event()
     stop_on_signals(stop)
     events = config.state_dir / "events.jsonl"
+    # with --json, stdout holds the JSON alone
     print(f"latticewatch demo\n  replaying {args.frames} synthetic {args.size}² frames at {args.rate} Hz into the "
-          f"SerialEM stack {incoming / 'demo.mrc'} (+ .mdoc)\n{_where(config)}\n"
+          f"SerialEM stack {incoming / DEMO_STACK} (+ .mdoc)\n{_where(config)}\n"
           f"  ledger:    {config.state_dir / 'ledger.sqlite'}\n"
-          f"  {'stops when all frames are analysed' if args.exit_when_done else 'Ctrl-C stops'}", flush=True)
-
-    def feed() -> None:
-        frames = source_frames(f"synthetic:{args.frames}", shape=(args.size, args.size),
-                               pixel_size_nm=args.pixel_size_nm, seed=args.seed)
-        replay(frames, rate_hz=args.rate, to_folder=incoming, serialem_stack="demo.mrc", stop=stop)
-
+          f"  {'stops when all frames are analysed' if args.exit_when_done else 'Ctrl-C stops'}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    score = DemoScore()
     incoming.mkdir(parents=True, exist_ok=True)
-    threading.Thread(target=feed, name="demo-replay", daemon=True).start()
+    threading.Thread(target=_feed_demo, args=(args, incoming, score, stop), name="demo-replay", daemon=True).start()
     if args.exit_when_done:
         threading.Thread(target=_stop_when_done, args=(config, args.frames, stop), name="demo-done",
                          daemon=True).start()
     started = time.monotonic()
-    code = _run(config, stop)
+    stats = run_daemon(config, stop, sinks=[score])
     elapsed = time.monotonic() - started
-    n = sum(1 for line in events.open() if '"type":"frame"' in line) if events.exists() else 0
-    print(f"{n} frame(s) analysed in {elapsed:.1f} s; events in {events}")
-    return code
+    summary = score.summary()
+    if args.json:
+        print(json.dumps({**stats.as_dict(), "summary": summary}, indent=2))
+    else:
+        print(f"{summary['frames_analysed']} frame(s) analysed in {elapsed:.1f} s; events in {events}\n"
+              f"{format_summary(summary)}")
+    return EXIT_OK
+
+
+def _feed_demo(args: argparse.Namespace, incoming: Path, score: DemoScore, stop: threading.Event) -> None:
+    """Replay the demo's synthetic frames into its SerialEM stack, handing each one's truth to ``score`` first."""
+    from latticewatch.testing.replay import replay, synthetic_frames
+
+    def frames() -> Iterator[Frame]:
+        pairs = synthetic_frames(args.frames, shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm,
+                                 seed=args.seed)
+        for section, (frame, truth) in enumerate(pairs):
+            score.expect(f"{DEMO_SOURCE}:{DEMO_STACK}#{section}", truth)  # the id the folder source gives it
+            yield frame
+
+    replay(frames(), rate_hz=args.rate, to_folder=incoming, serialem_stack=DEMO_STACK, stop=stop)
 
 
 def _stop_when_done(config: Config, n_frames: int, stop: threading.Event) -> None:
@@ -264,8 +286,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="daemon + SerialEM-style replay of synthetic frames in a temporary folder",
                        description="Start the daemon on a temporary folder and replay synthetic frames into it the way "
-                       "SerialEM writes a stack; print where the events, metrics and dashboard are. Ctrl-C stops "
-                       "cleanly. If a port is taken (another daemon?), pick others with the options below.")
+                       "SerialEM writes a stack; print where the events, metrics and dashboard are, and at the end "
+                       "what the daemon found next to the truth of the frames (Dice of its particle masks). Ctrl-C "
+                       "stops cleanly. If a port is taken (another daemon?), pick others with the options below.")
     p.add_argument("--frames", type=positive_int, default=20, help="synthetic frames to replay (default: %(default)s)")
     _add_frame_options(p, rate_hz=2.0)
     add_profile(p)
@@ -274,6 +297,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, default=None,
                    help="keep everything in this folder (default: a new temporary folder, printed at the start)")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every replayed frame is analysed")
+    p.add_argument("--json", action="store_true",
+                   help="end with the run's statistics as JSON on stdout, the summary under \"summary\" (default: "
+                   "the summary table: particles, coverage, defect fraction, flagged frames, Dice against the truth)")
     add_output_overrides(p)
     p.set_defaults(func=cmd_demo)
 

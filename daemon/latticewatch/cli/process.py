@@ -21,8 +21,9 @@ _HELP = (
     "Analyse HRTEM micrographs (MRC incl. stacks, TIFF, DM3/DM4, SER, EMD, PNG): median filter, normalise, resample "
     "to the model's pixel size, U-Net segmentation, region isolation and measurement, 5-class random-forest "
     "classification. Writes DIR/<name>.json, DIR/<name>_particles.csv and DIR/<name>_overlay.png per frame and "
-    "prints a summary table. A file or stack section that cannot be read or analysed is named on stderr and the "
-    "others are still done; exit code 1 if any failed."
+    "prints a summary table. Analysis warnings (unknown pixel size, a frame outside the model's domain) are printed "
+    "on stderr; a frame outside the model's domain is marked '!' in the table. A file or stack section that cannot "
+    "be read or analysed is named on stderr and the others are still done; exit code 1 if any failed."
 )
 
 
@@ -73,6 +74,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         analyse = functools.partial(analyser.analyse, keep_probability=args.save_probabilities)
         for frame, analysis in batch.run(args.files, analyse):
             write_reports(frame, analysis, args.out, save_probability=args.save_probabilities)
+            _warn(frame, analysis)
             rows.append(summary(frame, analysis))
             if archive is not None:
                 _archive_frame(archive, frame, analysis, batch)
@@ -89,6 +91,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     return exit_code(batch.failures)
 
 
+def _warn(frame: Frame, analysis: Analysis) -> None:
+    """Every warning of the analysis on stderr, as it happens: the JSON alone is too easy to miss."""
+    for text in analysis.warnings:
+        print(f"warning: {frame.frame_id}: {text}", file=sys.stderr)
+    if analysis.out_of_domain:
+        print(f"warning: {frame.frame_id}: model_out_of_domain: {'; '.join(analysis.out_of_domain)}; its particles, "
+              "sizes and defect fraction are not reliable", file=sys.stderr)
+
+
 def _archive_frame(archive: ArchiveWriter, frame: Frame, analysis: Analysis, batch: Batch) -> None:
     """Archive one analysed frame; a full or read-only archive is that frame's failure, not the run's."""
     from latticewatch.sinks.archive import ArchiveUnavailable
@@ -102,7 +113,8 @@ def _archive_frame(archive: ArchiveWriter, frame: Frame, analysis: Analysis, bat
 
 def _print_table(rows: list[dict], *, classified: bool = True) -> None:
     """The run summary; a profile without a classifier (e.g. graphene) gets regions and content ratio
-    instead of the five class columns, which would all read 0."""
+    instead of the five class columns, which would all read 0. A frame outside the model's domain is
+    marked ``!`` and gets no defect fraction."""
     if not rows:
         return
     if classified:
@@ -111,15 +123,19 @@ def _print_table(rows: list[dict], *, classified: bool = True) -> None:
         head = ["frame", "px (nm)", "regions", "cover", "content ratio", "ms"]
     table = [head]
     for r in rows:
-        start = [r["name"], f"{r['pixel_size_nm']:.4f}" if r["pixel_size_nm"] else "?", str(r["particles"]),
-                 f"{r['coverage']:.1%}"]
+        doubtful = bool(r["out_of_domain"])
+        start = [r["name"] + (" !" if doubtful else ""), f"{r['pixel_size_nm']:.4f}" if r["pixel_size_nm"] else "?",
+                 str(r["particles"]), f"{r['coverage']:.1%}"]
         if classified:
             c = r["class_counts"]
             middle = [str(c[label]) for label in CLASSES]  # the columns SF … empty, in this order
-            middle += ["–" if r["defect_fraction"] is None else f"{r['defect_fraction']:.2f}"]
+            middle += ["ood" if doubtful else "–" if r["defect_fraction"] is None else f"{r['defect_fraction']:.2f}"]
         else:
             middle = [f"{r['content_ratio']:.1%}"]
         table.append(start + middle + [f"{1000 * r['seconds']:.0f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    if any(r["out_of_domain"] for r in rows):
+        print("! model out of domain: the frame is unlike what the model was trained on; its results are not "
+              "reliable (reasons on stderr)")

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latticewatch.cli.common import (
     EXIT_OK,
@@ -21,6 +22,9 @@ from latticewatch.cli.common import (
 )
 from latticewatch.errors import ConfigError, InputError
 from latticewatch.models.architectures import ARCHITECTURES, DEFAULT_WIDTHS
+
+if TYPE_CHECKING:  # the parser is built without the training code; it is imported only to run a command
+    from latticewatch.training.data.supervised import ExtraData
 
 _TRAIN_HELP = (
     "With --images/--labels: train a segmentation net on labelled micrographs (any readable format; masks non-zero = "
@@ -88,8 +92,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--widths", type=int, nargs="+", default=None, metavar="N",
                    help="filters per level (unet) or per ResNet stage; default: "
                    + "; ".join(f"{a} {' '.join(map(str, w))}" for a, w in DEFAULT_WIDTHS.items()))
-    g.add_argument("--normalisation", choices=("max", "percentile", "bezier_zscore"), default=None,
-                   help="intensity normalisation the profile will use (default: max; Sadre et al.: bezier_zscore)")
+    g.add_argument("--normalisation", choices=("max", "percentile", "bezier_zscore", "zscore"), default=None,
+                   help="intensity normalisation the profile will use (default: max; Sadre et al.: bezier_zscore; "
+                   "zscore: mean 0, sd 1, independent of contrast and offset)")
     g.add_argument("--pixel-size-nm", type=pixel_size_arg, default=None, metavar="X|none",
                    help="model sampling: images are resampled to X nm/px; 'none' never resamples "
                    "(default: 0.05 for --synthetic, else the images' own pixel size)")
@@ -111,6 +116,28 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of sampling, augmentation and initialisation (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: all cores)")
+    _add_adaptation_arguments(p)
+
+
+def _add_adaptation_arguments(p: argparse.ArgumentParser) -> None:
+    """Options for adapting a net to real micrographs: start weights, augmentation, train-only extra images."""
+    g = p.add_argument_group("adapting to real micrographs")
+    g.add_argument("--init", metavar="PROFILE", default=None,
+                   help="start from this profile's weights (installed name, directory or .safetensors; same --arch "
+                   "and --widths) instead of random ones")
+    g.add_argument("--scale-jitter", type=float, default=0.0, metavar="J",
+                   help="rotate augmentation also rescales crops by a factor in [1/(1+J), 1+J] (default: %(default)s)")
+    g.add_argument("--intensity-augment", action="store_true",
+                   help="photometric randomisation of every crop: gamma, gradient, blur, noise, clipping")
+    g.add_argument("--extra-images", type=Path, metavar="DIR", default=None,
+                   help="train-only labelled images (e.g. `latticewatch simulate` output) mixed into the training "
+                   "crops; never used for validation or testing")
+    g.add_argument("--extra-labels", type=Path, metavar="DIR", default=None, help="masks of --extra-images")
+    g.add_argument("--extra-synthetic", type=int, default=0, metavar="N",
+                   help="also mix N train-only analytic frames (256², at the model pixel size) into the training "
+                   "crops (default: %(default)s)")
+    g.add_argument("--extra-fraction", type=float, default=0.5, metavar="F",
+                   help="share of training crops drawn from the extra images (default: %(default)s)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,6 +203,9 @@ def training_config(args: argparse.Namespace, *, augment: str):
     """`UNetTrainingConfig` from parsed options; a missing torch is a `ConfigError` naming the extra."""
     from latticewatch.models.architectures import check
 
+    augment = args.augment or augment
+    _check_adaptation_options(args, augment)
+
     with needs_extra("training"):
         from latticewatch.training.fit.unet import UNetTrainingConfig
 
@@ -183,8 +213,32 @@ def training_config(args: argparse.Namespace, *, augment: str):
     return UNetTrainingConfig(
         architecture=args.arch, widths=widths, crop=args.crop, batch_size=args.batch_size, learning_rate=args.lr,
         max_steps=args.steps, eval_every=args.eval_every, patience=args.patience, seed=args.seed, threads=args.threads,
-        augment=args.augment or augment,
+        augment=augment, scale_jitter=args.scale_jitter, intensity_augment=args.intensity_augment,
+        extra_fraction=args.extra_fraction, init=args.init,
     )
+
+
+def _check_adaptation_options(args: argparse.Namespace, augment: str) -> None:
+    if args.scale_jitter < 0:
+        raise ConfigError(f"--scale-jitter must be 0 or more, got {args.scale_jitter}")
+    if args.scale_jitter > 0 and augment != "rotate":
+        raise ConfigError("--scale-jitter needs the rotate augmentation (--augment rotate)")
+    if not 0 <= args.extra_fraction <= 1:
+        raise ConfigError(f"--extra-fraction must lie between 0 and 1, got {args.extra_fraction}")
+    if args.extra_synthetic < 0:
+        raise ConfigError(f"--extra-synthetic must be 0 or more, got {args.extra_synthetic}")
+    if (args.extra_images is None) != (args.extra_labels is None):
+        raise ConfigError("give both --extra-images and --extra-labels")
+
+
+def extra_data(args: argparse.Namespace) -> ExtraData | None:
+    """The train-only `ExtraData` of ``--extra-images/--extra-labels`` and ``--extra-synthetic`` (None
+    when neither was given); shared by ``train --images`` and ``cross-validate``."""
+    if args.extra_images is None and not args.extra_synthetic:
+        return None
+    from latticewatch.training.data.supervised import ExtraData
+
+    return ExtraData(args.extra_images, args.extra_labels, args.extra_synthetic, args.seed)
 
 
 def load_cross_validation(path: Path) -> dict:
@@ -204,6 +258,8 @@ def _check_train_options(args: argparse.Namespace) -> None:
         raise ConfigError("give both --val-images and --val-labels")
     if args.images is None and (args.pixel_size_nm == "none" or (args.normalisation or "max") != "max"):
         raise ConfigError("--synthetic profiles use max normalisation at a known pixel size")
+    if args.images is None and (args.extra_images is not None or args.extra_synthetic):
+        raise ConfigError("--extra-images/--extra-synthetic need --images (the synthetic profile is all analytic)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -228,7 +284,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         foreground=args.foreground, description=args.description, isolation=args.isolation,
         archive=None if args.low_value_class is None else {"low_value_class": args.low_value_class},
         cross_validation=[load_cross_validation(path) for path in args.cross_validation], resume=args.resume,
-        progress=progress_enabled(),
+        progress=progress_enabled(), extra=extra_data(args),
     )
     metrics = manifest.training["segmentation"].metrics
     scores = metrics.get("validation")
@@ -252,6 +308,7 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
         normalisation=args.normalisation or "max", pixel_size_nm=args.pixel_size_nm, val_fraction=args.val_fraction,
         baselines=baseline_names(args.baselines), out_json=args.json, resume=args.resume, command=command_line(args),
         progress=progress_enabled(), report=lambda line: print(line, file=sys.stderr, flush=True),
+        extra=extra_data(args), dataset=args.images.parent,
     )
     print(format_table(result))
     if args.json:

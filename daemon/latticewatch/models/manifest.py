@@ -25,6 +25,7 @@ from latticewatch.errors import ModelError
 from latticewatch.frame import CLASSES
 from latticewatch.io.atomic import write_atomic
 from latticewatch.models import architectures
+from latticewatch.stages.domain import DomainRules
 from latticewatch.stages.isolate import IsolationParams
 from latticewatch.stages.preprocess import Normalisation
 
@@ -88,6 +89,8 @@ class Manifest(_Strict):
     classifier: ClassifierModel | None = None
     isolation: IsolationParams = IsolationParams()
     archive: ArchiveRules = ArchiveRules()
+    domain: DomainRules = Field(DomainRules(), description="when a frame is outside the model's domain (flagged, "
+                                "archived lossless, left out of the statistics)")
     training: dict[str, Training] = {}
     baselines: dict[str, dict[str, Any]] = Field(
         {},

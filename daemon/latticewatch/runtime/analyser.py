@@ -23,6 +23,7 @@ from latticewatch.models.backends import SegmentationBackend
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
 from latticewatch.runtime.plugins import resolve_profile
 from latticewatch.stages.classify import RegionClassifier
+from latticewatch.stages.domain import out_of_domain
 from latticewatch.stages.features import region_features
 from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
 from latticewatch.stages.preprocess import Preprocessed, pad_to_multiple, preprocess
@@ -176,6 +177,8 @@ class Analyser:
         with _timed(timings, "isolate"):
             clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
             labels, isolated = isolate(clean)
+        with _timed(timings, "domain"):
+            doubts = out_of_domain(probability, labels, self.manifest.domain)
         with _timed(timings, "features"):
             seg, clf = self.manifest.segmentation, self.manifest.classifier
             # the forest's features are computed the way it was trained, whatever the network needs
@@ -212,6 +215,7 @@ class Analyser:
             mean_confidence=confidence,
             warnings=tuple(prepared.warnings),
             probability=full_probability,
+            out_of_domain=doubts,
         )
 
     def _region(self, index, r: IsolatedRegion, features, label, probs, scale, model_px_nm, frame: Frame) -> Region:

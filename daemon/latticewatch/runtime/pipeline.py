@@ -31,6 +31,7 @@ from latticewatch.sinks.events import (
     ParticleEvent,
     RunnerInfo,
     Sink,
+    WarningEvent,
     error_event,
     frame_events,
     pixel_size_warning,
@@ -282,7 +283,9 @@ class Pipeline:
                           latency_s=round(time.monotonic() - job.arrived, 6), budget_ms=self.budget_ms,
                           overrun=self.budget_ms is not None and service_s * 1000 > self.budget_ms)
 
-    def _record(self, job: Job, analysis: Analysis, events: list[FrameEvent | ParticleEvent]) -> None:
+    def _record(self, job: Job, analysis: Analysis, events: list[FrameEvent | ParticleEvent | WarningEvent]) -> None:
+        if analysis.out_of_domain:  # its warning event is among `events`; the log line is for whoever runs the daemon
+            log.warning("%s: model out of domain: %s", job.frame.frame_id, "; ".join(analysis.out_of_domain))
         self.ledger.analysed(job.frame.frame_id, render(events), archivable=self.archive is not None)
         self._timed(job, "publish", lambda: self.events.publish(job.frame.frame_id, events))
         if self.archive is not None:

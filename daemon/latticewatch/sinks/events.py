@@ -1,13 +1,14 @@
 """Events: what the daemon tells the world about each frame, as pydantic models, and the `Sink` protocol.
 
 Each analysed frame gives one `FrameEvent` and one `ParticleEvent` per region; input that cannot
-be analysed gives one `ErrorEvent`; notices about the running process are `ErrorEvent` (archive
-trouble) or `WarningEvent` (a source without pixel sizes); the publisher sends a `StatusEvent`
-every few seconds. Event ids are deterministic, so a consumer can de-duplicate across restarts:
+be analysed gives one `ErrorEvent`; a frame outside the model's domain also gives a
+`WarningEvent` of kind ``model_out_of_domain``; notices about the running process are `ErrorEvent`
+(archive trouble) or `WarningEvent` (a source without pixel sizes); the publisher sends a
+`StatusEvent` every few seconds. Event ids are deterministic, so a consumer can de-duplicate across restarts:
 
 * ``<frame_id>/frame``
 * ``<frame_id>/region/<region index>``
-* ``<frame_id>/error``, ``<frame_id>/archive-error``, ``<frame_id>/pixel-size``
+* ``<frame_id>/error``, ``<frame_id>/archive-error``, ``<frame_id>/pixel-size``, ``<frame_id>/out-of-domain``
 * ``status/<run start>/<n>``
 
 These models are the contract: the published JSON Schemas (``latticewatch/schemas/<type>.v1.json``)
@@ -43,6 +44,9 @@ from latticewatch.sinks.reports import frame_report
 SCHEMA_VERSION = 1
 #: The particle label republished on the ``defect`` topic.
 DEFECT_LABEL = "stacking_fault"
+
+#: The ``kind`` of the warning that the model does not understand a frame.
+OUT_OF_DOMAIN = "model_out_of_domain"
 
 #: Float noise a computed fraction may carry past 0 or 1 (a convex hull's area a hair under the pixel count).
 _ROUNDING = 1e-9
@@ -129,6 +133,10 @@ class FrameEvent(Event):
                                                 "(clean graphene for the graphene profile)")
     class_counts: dict[str, NonNegativeInt]
     defect_fraction: UnitInterval | None
+    out_of_domain: list[str] = Field(
+        default_factory=list,
+        description=f"why the model's answer is not to be trusted (empty: in its domain); a {OUT_OF_DOMAIN} warning "
+                    "event says the same, and the frame's particles are left out of the statistics")
     mean_confidence: float
     seconds: NonNegativeFloat
     origin: str
@@ -202,7 +210,8 @@ class ErrorEvent(Event):
 
 
 class WarningEvent(Event):
-    """A notice about a source's frames (<first frame id>/pixel-size)."""
+    """A notice: a source's frames carry no pixel size (<first frame id>/pixel-size, kind pixel_size_unknown), or the
+    model does not understand a frame (<frame_id>/out-of-domain, kind model_out_of_domain, with its reasons)."""
 
     type: Literal["warning"] = "warning"
     event_id: str = Field(min_length=1)
@@ -210,6 +219,10 @@ class WarningEvent(Event):
     origin: str
     problem: str = Field(min_length=1)
     source: str
+    kind: str | None = Field(None, exclude_if=_absent_when_none,
+                             description=f"pixel_size_unknown or {OUT_OF_DOMAIN}")
+    reasons: list[str] | None = Field(None, exclude_if=_absent_when_none,
+                                      description=f"{OUT_OF_DOMAIN}: each test the frame failed")
 
 
 class PublisherCounters(BaseModel):
@@ -247,8 +260,10 @@ LoggedEvent = Annotated[Union[FrameEvent, ParticleEvent, ErrorEvent, WarningEven
 _LOGGED = TypeAdapter(LoggedEvent)
 
 
-def frame_events(frame: Frame, analysis: Analysis, runner: RunnerInfo) -> list[FrameEvent | ParticleEvent]:
-    """The ``frame`` event and one ``particle`` event per region (the frame event carries ``frame`` and ``analysis``).
+def frame_events(frame: Frame, analysis: Analysis,
+                 runner: RunnerInfo) -> list[FrameEvent | ParticleEvent | WarningEvent]:
+    """The ``frame`` event, one ``particle`` event per region and, for a frame outside the model's domain, its
+    ``model_out_of_domain`` warning (the frame event carries ``frame`` and ``analysis``).
 
     Raises `pydantic.ValidationError` when the analysis breaks the published schema.
 
@@ -267,7 +282,8 @@ def frame_events(frame: Frame, analysis: Analysis, runner: RunnerInfo) -> list[F
     head._analysed = (frame, analysis)
     particles = [ParticleEvent(event_id=f"{frame.frame_id}/region/{r['region_id']}", at=at, frame_id=frame.frame_id,
                                **r) for r in regions]
-    return [head, *particles]
+    doubts = [out_of_domain_warning(frame, analysis.out_of_domain)] if analysis.out_of_domain else []
+    return [head, *particles, *doubts]
 
 
 def error_event(frame_id: str, origin: str, problem: str) -> ErrorEvent:
@@ -302,7 +318,24 @@ def pixel_size_warning(frame_id: str, origin: str, problem: str, *, source: str)
     'cam:0/pixel-size'
     """
     return WarningEvent(event_id=f"{frame_id}/pixel-size", at=now(), frame_id=frame_id, origin=origin, problem=problem,
-                        source=source)
+                        source=source, kind="pixel_size_unknown")
+
+
+def out_of_domain_warning(frame: Frame, reasons: Sequence[str]) -> WarningEvent:
+    """The ``model_out_of_domain`` warning of a frame the model does not understand.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> event = out_of_domain_warning(Frame("cam:s#3", np.zeros((16, 16))), ["probability near 0.5"])
+    >>> event.event_id, event.kind, event.source
+    ('cam:s#3/out-of-domain', 'model_out_of_domain', 'cam')
+    """
+    problem = (f"{frame.frame_id}: model out of domain ({'; '.join(reasons)}); its particles are left out of the "
+               "statistics and the frame is archived lossless")
+    return WarningEvent(event_id=f"{frame.frame_id}/out-of-domain", at=now(), frame_id=frame.frame_id,
+                        origin=frame.origin, problem=problem, source=frame.frame_id.partition(":")[0],
+                        kind=OUT_OF_DOMAIN, reasons=list(reasons))
 
 
 def render(events: Sequence[Event]) -> str:

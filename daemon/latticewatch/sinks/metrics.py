@@ -6,6 +6,10 @@ it in the frame event: metrics are middleware, never stage code). Queue depths, 
 and the publisher's drops are read when Prometheus scrapes (a collector calling ``probe``). Every object takes
 ``registry=``, so tests use a fresh `prometheus_client.CollectorRegistry` each.
 
+A frame outside the model's domain (its frame event lists ``out_of_domain`` reasons) is counted
+in ``latticewatch_frames_out_of_domain_total``; its particles are left out of the particle counts,
+the size histograms and the defect fractions.
+
 Names follow Prometheus conventions (base units, ``_total`` counters, histograms for latency);
 sizes of particles are in nanometres (``_nm``), the unit of the rest of latticewatch.
 """
@@ -34,6 +38,7 @@ DIAMETER_BUCKETS_NM = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0,
 METRIC_NAMES = (
     "latticewatch_build_info",
     "latticewatch_frames_total",
+    "latticewatch_frames_out_of_domain_total",
     "latticewatch_frame_latency_seconds",
     "latticewatch_stage_seconds",
     "latticewatch_phase_seconds",
@@ -130,6 +135,9 @@ class Metrics:
         self.build.info(build or {})
         self.frames = Counter("latticewatch_frames", "Frames by source and outcome (analysed, quarantined)",
                               ["source", "outcome"], registry=r)
+        self.out_of_domain = Counter("latticewatch_frames_out_of_domain",
+                                     "Frames outside the model's domain (left out of the particle statistics)",
+                                     registry=r)
         self.latency = Histogram("latticewatch_frame_latency_seconds", "Arrival to analysis published, per frame",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("latticewatch_stage_seconds", "Seconds per analysis stage, per frame", ["stage"],
@@ -163,11 +171,12 @@ class Metrics:
             r.register(_Probe(probe))
 
     def consume(self, events: Sequence[Event]) -> None:
-        """Count the events of one append to the event log."""
+        """Count the events of one append to the event log (a frame's particles come with its frame event)."""
+        doubtful = {e.frame_id for e in events if isinstance(e, FrameEvent) and e.out_of_domain}
         for event in events:
             if isinstance(event, FrameEvent):
                 self._frame(event)
-            elif isinstance(event, ParticleEvent):
+            elif isinstance(event, ParticleEvent) and event.frame_id not in doubtful:
                 label = event.label or "unclassified"
                 self.particles.labels(label).inc()
                 if event.equivalent_diameter_nm is not None:
@@ -190,6 +199,10 @@ class Metrics:
             self.overruns.inc()
         self.frame_particles.set(e.particles)
         self.coverage.set(e.coverage)
+        if e.out_of_domain:
+            self.out_of_domain.inc()
+            self.defect.set(math.nan)
+            return
         self.defect.set(math.nan if e.defect_fraction is None else e.defect_fraction)
         counts = e.class_counts
         faults, clean = counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0)

@@ -42,6 +42,7 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
 
     ``coverage`` is the fraction of pixels in the profile's foreground class (particles,
     contamination); ``content_ratio`` the rest (1 − coverage), e.g. the clean-graphene fraction.
+    ``out_of_domain`` lists why the model's answer is not to be trusted (empty when it is).
     """
     return {
         "frame_id": frame.frame_id,
@@ -53,6 +54,7 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
         "content_ratio": round(analysis.content_ratio, 5),  # 1 − coverage: clean graphene for the graphene profile
         "class_counts": analysis.class_counts(),
         "defect_fraction": analysis.defect_fraction,
+        "out_of_domain": list(analysis.out_of_domain),
         "mean_confidence": round(analysis.mean_confidence, 5),
         "seconds": round(sum(analysis.timings_s.values()), 5),
     }
@@ -102,7 +104,8 @@ def _csv_rows(analysis: Analysis):
 def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
     """The frame (0.5–99.5 % contrast) with region outlines coloured by class and a legend.
 
-    Frames larger than ``max_side`` are subsampled first (the dashboard asks for a small one).
+    A frame outside the model's domain gets a banner saying so along its bottom edge. Frames
+    larger than ``max_side`` are subsampled first (the dashboard asks for a small one).
     """
     step = max(1, int(np.ceil(max(frame.pixels.shape) / max_side)))
     pixels = frame.pixels[::step, ::step].astype(np.float32)
@@ -128,7 +131,16 @@ def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_M
         draw.rectangle((8, y + 2, 20, box[3] - 2), fill=CLASS_COLOURS[name])
         draw.text((26, y), text, fill=(255, 255, 255), font=font)
         y = box[3] + 8
+    if analysis.out_of_domain:
+        _banner(draw, image.size, font, "OUT OF MODEL DOMAIN: " + analysis.out_of_domain[0])
     return image
+
+
+def _banner(draw: ImageDraw.ImageDraw, size: tuple[int, int], font, text: str) -> None:
+    box = draw.textbbox((0, 0), text, font=font)
+    height = box[3] - box[1] + 12
+    draw.rectangle((0, size[1] - height, size[0], size[1]), fill=(213, 94, 0))
+    draw.text((6, size[1] - height + 6 - box[1]), text, fill=(255, 255, 255), font=font)
 
 
 def write_reports(frame: Frame, analysis: Analysis, out_dir: Path, *, save_probability: bool = False) -> list[Path]:

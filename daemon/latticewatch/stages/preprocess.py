@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-Normalisation = Literal["max", "percentile", "bezier_zscore"]
+Normalisation = Literal["max", "percentile", "bezier_zscore", "zscore"]
 
 
 def _sort_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,15 @@ def normalise(image: np.ndarray, method: Normalisation) -> np.ndarray:
 
     ``max``: divide by the maximum (Groschner et al.); ``percentile``: map the 0.5–99.5 % range to
     0–1; ``bezier_zscore``: divide by a Bézier flat field, then subtract the mean and divide by the
-    RMS deviation from one (Sadre et al.).
+    RMS deviation from one (Sadre et al.); ``zscore``: subtract the mean, divide by the standard
+    deviation. ``zscore`` and ``bezier_zscore`` do not change when a frame's contrast or offset
+    does (gain, display scaling, dose), unlike ``max``, which depends on the one brightest pixel.
+
+    Examples
+    --------
+    >>> z = normalise(np.array([[1.0, 3.0], [5.0, 7.0]]), "zscore")
+    >>> float(z.mean()), round(float(z.std()), 6)
+    (0.0, 1.0)
     """
     x = image.astype(np.float32, copy=False)
     if method == "max":
@@ -96,7 +104,10 @@ def normalise(image: np.ndarray, method: Normalisation) -> np.ndarray:
         flat = x / np.maximum(bezier_background(x), 1e-12).astype(np.float32)
         sigma = float(np.sqrt(np.mean((flat - 1.0) ** 2)))
         return ((flat - flat.mean()) / max(sigma, 1e-12)).astype(np.float32)
-    raise ValueError(f"unknown normalisation {method!r}; use 'max', 'percentile' or 'bezier_zscore'")
+    if method == "zscore":
+        mean, sigma = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+        return ((x - mean) / max(sigma, 1e-12)).astype(np.float32)
+    raise ValueError(f"unknown normalisation {method!r}; use 'max', 'percentile', 'bezier_zscore' or 'zscore'")
 
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,10 +34,32 @@ from latticewatch.io.mdoc import format_section
 from latticewatch.io.readers import SUPPORTED_SUFFIXES, read_frames
 from latticewatch.sources.base import StopFlag
 
+if TYPE_CHECKING:  # the generator is imported when synthetic frames are asked for
+    from latticewatch.testing.synthetic.truth import SyntheticImage
+
 log = logging.getLogger(__name__)
 
 # MRC2014 header offsets (bytes) of the fields SerialEM updates when it appends a section
 _NZ, _MZ, _ZLEN = 8, 36, 48
+
+
+def synthetic_frames(count: int, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05,
+                     seed: int = 0) -> Iterator[tuple[Frame, SyntheticImage]]:
+    """``count`` frames of the analytic generator, each with its ground truth (``synthetic:N`` of `source_frames`).
+
+    The same ``seed`` gives the same frames, so whoever replayed them can score an analysis against the truth.
+
+    Examples
+    --------
+    >>> [(f.frame_id, int(t.mask.max())) for f, t in synthetic_frames(2, shape=(64, 64))]
+    [('synthetic:0', 1), ('synthetic:1', 1)]
+    """
+    from latticewatch.testing.synthetic.frames import generate_frame
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        truth = generate_frame(rng, shape, pixel_size_nm)
+        yield Frame(f"synthetic:{i}", truth.image, pixel_size_nm, origin=f"synthetic:{count}"), truth
 
 
 def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05,
@@ -49,12 +72,8 @@ def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_n
     [(64, 64), (64, 64)]
     """
     if src.startswith("synthetic:"):
-        from latticewatch.testing.synthetic.frames import generate_frame
-
         count = int(src.partition(":")[2])
-        rng = np.random.default_rng(seed)
-        for i in range(count):
-            yield Frame(f"synthetic:{i}", generate_frame(rng, shape, pixel_size_nm).image, pixel_size_nm, origin=src)
+        yield from (frame for frame, _ in synthetic_frames(count, shape=shape, pixel_size_nm=pixel_size_nm, seed=seed))
         return
     folder = Path(src)
     if not folder.is_dir():

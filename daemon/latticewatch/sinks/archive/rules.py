@@ -1,8 +1,8 @@
 """When a frame is archived whole and lossless instead of reduced: the archive's safety valve.
 
-A frame is reduced only when reduction is on, it has an analysis whose mask matches it, and the
-profile's `UncertaintyRule` trusts that analysis. Every other frame is kept bit-exact, and the
-reason is stored with it (``lossless_reason``).
+A frame is reduced only when reduction is on, it has an analysis whose mask matches it, the
+analysis is inside the model's domain, and the profile's `UncertaintyRule` trusts it. Every other
+frame is kept bit-exact, and the reason is stored with it (``lossless_reason``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class UncertaintyRule:
     """When to distrust a segmentation and archive the frame whole and lossless.
 
     The profile sets the thresholds; ``None`` switches a test off. A confidence that is not a
-    finite number counts as uncertain: when in doubt, keep everything.
+    finite number counts as uncertain: when in doubt, keep everything. A frame the analyser flagged
+    as outside the model's domain is always kept whole, whatever the thresholds.
 
     Examples
     --------
@@ -62,6 +63,8 @@ class UncertaintyRule:
         """Why the frame must be kept whole, or ``None`` when it may be reduced."""
         if analysis is None:
             return "no analysis"
+        if analysis.out_of_domain:
+            return "model out of domain: " + "; ".join(analysis.out_of_domain)
         if self.min_mean_confidence is not None:
             confidence = float(analysis.mean_confidence)
             if not math.isfinite(confidence) or confidence < self.min_mean_confidence:

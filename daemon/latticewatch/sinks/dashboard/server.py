@@ -210,7 +210,7 @@ class DashboardSink:
                 image.save(buf, format="PNG", optimize=False)
                 with self._png_lock:
                     self._png = buf.getvalue()
-                self.state.set_thumbnail(frame.frame_id)
+                self.state.set_thumbnail(frame.frame_id, analysis.out_of_domain)
                 self._changed.set()
             except Exception:  # the page just keeps the previous thumbnail
                 log.exception("dashboard: thumbnail of %s failed", frame.frame_id)

@@ -7,6 +7,10 @@ computed on demand by the HTTP side (`snapshot`), at most a few times a second.
 
 `Verdict` is the closed loop to acquisition: keep or skip the area a frame came from, by a
 configurable rule on particle count and coverage.
+
+A frame outside the model's domain (``Analysis.out_of_domain``) is counted and marked, and its
+particles are left out of every statistic (class totals, sizes, defect fractions): its verdict is
+``unknown``, since the model's particles there cannot be trusted either way.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class VerdictRule:
 def verdict_for(frame: Frame, analysis: Analysis, rule: VerdictRule) -> dict[str, Any]:
     """The JSON answered by ``GET /api/verdict/latest`` (and written to the verdict file).
 
+    ``verdict`` is ``keep`` or ``skip`` by the rule, or ``unknown`` for a frame outside the model's
+    domain (``out_of_domain`` says why).
+
     Examples
     --------
     >>> verdict_for(frame, analysis, VerdictRule())  # doctest: +SKIP
@@ -67,8 +74,9 @@ def verdict_for(frame: Frame, analysis: Analysis, rule: VerdictRule) -> dict[str
         "particle_count": count,
         "coverage": round(coverage, 6),
         "defect_fraction": analysis.defect_fraction,
-        "verdict": rule.decide(particle_count=count, coverage=coverage),
+        "verdict": "unknown" if analysis.out_of_domain else rule.decide(particle_count=count, coverage=coverage),
         "rule": str(rule),
+        "out_of_domain": list(analysis.out_of_domain),
         "origin": frame.origin,
         "analysed_at": time.time(),
     }
@@ -148,24 +156,29 @@ class DashboardState:
         self.latencies: deque[dict[str, Any]] = deque(maxlen=history)
         self.arrivals: deque[float] = deque(maxlen=4096)
         self.class_totals: dict[str, int] = dict.fromkeys(CLASSES, 0)
-        self.totals = {"frames": 0, "particles": 0, "errors": 0, "warnings": 0, "overruns": 0}
+        self.totals = {"frames": 0, "particles": 0, "errors": 0, "warnings": 0, "overruns": 0, "out_of_domain": 0}
         self.budget_ms = budget_ms
         self.rule = rule
         self.rolling = rolling
         self.size_unit = "nm"
         self.verdict: dict[str, Any] | None = None
-        self.thumbnail: dict[str, Any] = {"version": 0, "frame_id": None}
+        self.thumbnail: dict[str, Any] = {"version": 0, "frame_id": None, "out_of_domain": []}
         self.version = 0  # bumped on every change; the broadcaster sends when it moves
         self.started = time.time()
 
     def add_analysis(self, frame: Frame, analysis: Analysis) -> dict[str, Any]:
-        """Record one analysed frame; returns its verdict. Cheap: appends and counters only."""
-        counts = analysis.class_counts()
+        """Record one analysed frame; returns its verdict. Cheap: appends and counters only.
+
+        The particles of a frame outside the model's domain are not counted anywhere.
+        """
+        doubtful = bool(analysis.out_of_domain)
+        trusted = () if doubtful else analysis.regions
+        counts = dict.fromkeys(CLASSES, 0) if doubtful else analysis.class_counts()
         verdict = verdict_for(frame, analysis, self.rule)
         now = time.time()
         sizes = []
         px_only = analysis.pixel_size_nm is None
-        for r in analysis.regions:
+        for r in trusted:
             d = r.equivalent_diameter_nm
             if d is None:  # no pixel size: the page says px
                 d = math.sqrt(4 * r.area_px / math.pi)
@@ -176,16 +189,19 @@ class DashboardState:
             elif not px_only:
                 self.size_unit = "nm"
             self.frames.append({"t": now, "frame_id": frame.frame_id, "particles": len(analysis.regions),
-                                "coverage": round(analysis.coverage, 5), "defect_fraction": analysis.defect_fraction,
+                                "coverage": round(analysis.coverage, 5),
+                                "defect_fraction": None if doubtful else analysis.defect_fraction,
                                 "fault": counts.get(FAULT, 0),
                                 "oriented": counts.get(FAULT, 0) + counts.get(NO_FAULT, 0),
+                                "out_of_domain": list(analysis.out_of_domain),
                                 "seconds": round(sum(analysis.timings_s.values()), 5)})
             self.particles.extend(sizes)
             self.arrivals.append(time.monotonic())
             for name, n in counts.items():
                 self.class_totals[name] = self.class_totals.get(name, 0) + n
             self.totals["frames"] += 1
-            self.totals["particles"] += len(analysis.regions)
+            self.totals["particles"] += len(trusted)
+            self.totals["out_of_domain"] += int(doubtful)
             self.verdict = verdict
             self.version += 1
         return verdict
@@ -208,9 +224,10 @@ class DashboardState:
                 return
             self.version += 1
 
-    def set_thumbnail(self, frame_id: str) -> int:
+    def set_thumbnail(self, frame_id: str, out_of_domain: tuple[str, ...] = ()) -> int:
         with self._lock:
-            self.thumbnail = {"version": self.thumbnail["version"] + 1, "frame_id": frame_id}
+            self.thumbnail = {"version": self.thumbnail["version"] + 1, "frame_id": frame_id,
+                              "out_of_domain": list(out_of_domain)}
             self.version += 1
             return self.thumbnail["version"]
 
@@ -243,7 +260,7 @@ class DashboardState:
                 fault, oriented = fault - old["fault"], oriented - old["oriented"]
             series.append({"t": f["t"], "frame_id": f["frame_id"], "defect_fraction": f["defect_fraction"],
                            "rolling": round(fault / oriented, 4) if oriented else None, "particles": f["particles"],
-                           "coverage": f["coverage"]})
+                           "coverage": f["coverage"], "out_of_domain": bool(f["out_of_domain"])})
         snap["series"] = series
         if particles:
             d = np.fromiter((p[0] for p in particles), float, len(particles))

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,21 @@ from latticewatch.stages.preprocess import Normalisation
 from latticewatch.training.assess.baselines import make_baseline
 from latticewatch.training.assess.metrics import METRIC_KEYS, PixelCounts, segmentation_metrics
 from latticewatch.training.data.labelled import LabelledImage, group_folds, series_of
-from latticewatch.training.data.supervised import PreparedSet, prepare_labelled, resolve_pixel_size
+from latticewatch.training.data.supervised import (
+    ExtraData,
+    PreparedSet,
+    prepare_extra,
+    prepare_labelled,
+    resolve_pixel_size,
+)
 from latticewatch.training.fit.fold import content_ratio_spearman, train_fold
-from latticewatch.training.fit.unet import UNetTrainingConfig
+from latticewatch.training.fit.unet import UNetTrainingConfig, recorded_config
 
 log = logging.getLogger(__name__)
 
 #: Settings that must agree for folds of an earlier (interrupted) run to be reused.
 _SAME_RUN_KEYS = ("architecture", "widths", "folds", "fold_seed", "normalisation", "pixel_size_nm", "val_fraction",
-                  "config", "fold_names")
+                  "config", "fold_names", "extra_train")
 
 
 def summarise(fold_counts: Sequence[PixelCounts]) -> dict[str, Any]:
@@ -99,6 +104,29 @@ def _summarise_result(result: dict[str, Any]) -> None:
     result["model"]["median_best_step"] = int(np.median(best_steps)) if best_steps else None
 
 
+def _fold(k: int, test_names: Sequence[str], prepared: PreparedSet, config: UNetTrainingConfig, result: dict[str, Any],
+          earlier: tuple[dict[int, dict], dict[str, dict[int, dict]]], *, val_fraction: float,
+          extra: PreparedSet | None, progress: bool) -> str:
+    """Fold ``k``: train (or reuse from ``earlier``) its net and baselines, add their entries to
+    ``result``; the fold's report line."""
+    done, done_baselines = earlier
+    folds = len(result["fold_names"])
+    entry = done.get(k) or train_fold(prepared, k, test_names, config, val_fraction=val_fraction, progress=progress,
+                                      desc=f"fold {k}/{folds} {config.architecture}", extra=extra)
+    result["model"]["per_fold"].append(entry)
+    line = f"fold {k}/{folds}: {len(test_names)} test images — {config.architecture} {_fmt(entry['metrics'])}"
+    for name, block in result["baselines"].items():
+        b_entry = done_baselines.get(name, {}).get(k) or _baseline_fold(name, prepared, k, test_names)
+        block["per_fold"].append(b_entry)
+        line += f" | {name} {_fmt(b_entry['metrics'])}"
+    return line
+
+
+def _write_json(out_json: Path | None, result: dict[str, Any]) -> None:
+    if out_json is not None:
+        write_atomic(out_json, (json.dumps(result, indent=2) + "\n").encode())
+
+
 def cross_validate(
     data: Sequence[LabelledImage],
     config: UNetTrainingConfig,
@@ -114,6 +142,8 @@ def cross_validate(
     command: str = "",
     progress: bool = True,
     report: Callable[[str], None] = log.info,
+    extra: ExtraData | None = None,
+    dataset: Path | None = None,
 ) -> dict[str, Any]:
     """Cross-validate ``config``'s architecture (and ``baselines``) on ``data``.
 
@@ -126,6 +156,11 @@ def cross_validate(
     val_fraction
         Inner validation split (whole series) of each fold's training images for early stopping;
         0 trains for exactly ``config.max_steps`` steps.
+    extra
+        Train-only images (e.g. simulated frames) mixed into every fold's training crops; never
+        validated or tested on, and not given to the baselines.
+    dataset
+        The folder of the data read, against which a path in ``config.init`` is recorded.
     baselines
         Names of ``training.baselines`` (e.g. ``"bragg"``), fitted on each training split.
     out_json
@@ -149,35 +184,30 @@ def cross_validate(
     model_px = resolve_pixel_size(data, pixel_size_nm)
     prepared = prepare_labelled(data, normalisation=normalisation, pixel_size_nm=model_px)
     fold_names = group_folds(prepared.names, folds, fold_seed)
+    extra_set, extra_source = (prepare_extra(extra, normalisation=normalisation, pixel_size_nm=model_px,
+                                             progress=progress) if extra else (None, None))
     run: dict[str, Any] = {
         "architecture": config.architecture, "widths": list(config.widths), "folds": folds, "fold_seed": fold_seed,
         "normalisation": normalisation, "pixel_size_nm": model_px, "val_fraction": val_fraction,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k != "threads"},
-        "fold_names": fold_names,
+        "config": {k: v for k, v in recorded_config(config, dataset).items() if k != "threads"},
+        "fold_names": fold_names, "extra_train": extra_source,
     }
-    done, done_baselines = _earlier_folds(out_json, run, resume, report)
+    earlier = _earlier_folds(out_json, run, resume, report)
     n_series = len({series_of(n) for n in prepared.names})
     result: dict[str, Any] = {
         **run, "command": command, "n_images": len(prepared.names), "n_series": n_series,
-        "data": f"{len(prepared.names)} images, {n_series} series",
+        "data": f"{len(prepared.names)} images, {n_series} series"
+                + (f"; train-only extra: {extra_source}" if extra_source else ""),
         "model": {"per_fold": []}, "baselines": {name: {"per_fold": []} for name in baselines},
     }
     for k, test_names in enumerate(fold_names, start=1):
         start = time.perf_counter()
-        entry = done.get(k) or train_fold(prepared, k, test_names, config, val_fraction=val_fraction,
-                                          progress=progress, desc=f"fold {k}/{folds} {config.architecture}")
-        result["model"]["per_fold"].append(entry)
-        line = f"fold {k}/{folds}: {len(test_names)} test images — {config.architecture} {_fmt(entry['metrics'])}"
-        for name in baselines:
-            b_entry = done_baselines.get(name, {}).get(k) or _baseline_fold(name, prepared, k, test_names)
-            result["baselines"][name]["per_fold"].append(b_entry)
-            line += f" | {name} {_fmt(b_entry['metrics'])}"
+        line = _fold(k, test_names, prepared, config, result, earlier, val_fraction=val_fraction, extra=extra_set,
+                     progress=progress)
         report(line + f" ({time.perf_counter() - start:.0f} s)")
-        if out_json is not None:
-            write_atomic(out_json, (json.dumps(result, indent=2) + "\n").encode())
+        _write_json(out_json, result)
     _summarise_result(result)
-    if out_json is not None:
-        write_atomic(out_json, (json.dumps(result, indent=2) + "\n").encode())
+    _write_json(out_json, result)
     return result
 
 

@@ -1,5 +1,6 @@
 """Labelled micrographs made model-ready: preprocessed exactly as the analyser will preprocess
-frames, masks resampled alongside, and validation splits that keep each series on one side.
+frames, masks resampled alongside, validation splits that keep each series on one side, and
+train-only extra images (`ExtraData`: simulated or analytic frames mixed into the training crops).
 
 Used by ``latticewatch train --images`` and ``latticewatch cross-validate``.
 """
@@ -9,11 +10,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from latticewatch.models.manifest import relative_path
 from latticewatch.stages.preprocess import Normalisation, preprocess, resample
-from latticewatch.training.data.labelled import LabelledDataError, LabelledImage, group_folds, series_of
+from latticewatch.training.data.augment import synthetic_segmentation_set
+from latticewatch.training.data.labelled import (
+    LabelledDataError,
+    LabelledImage,
+    group_folds,
+    load_labelled,
+    series_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,61 @@ def prepare_labelled(data: Sequence[LabelledImage], *, normalisation: Normalisat
         images.append(pre.image)
         masks.append(np.asarray(mask, bool))
     return PreparedSet([d.name for d in data], images, masks, pixel_size_nm)
+
+
+@dataclass(frozen=True)
+class ExtraData:
+    """Train-only images asked for (``--extra-images``/``--extra-labels``, ``--extra-synthetic``):
+    mixed into the training crops, never used for validation or as a test fold.
+
+    ``seed`` is the run's; the analytic frames use ``seed + 1000`` (never the training set's own).
+    """
+
+    images_dir: Path | None = None
+    labels_dir: Path | None = None
+    n_synthetic: int = 0
+    seed: int = 0
+
+
+def prepare_extra(extra: ExtraData, *, normalisation: Normalisation, pixel_size_nm: float | None,
+                  progress: bool = False) -> tuple[PreparedSet, str]:
+    """The images of ``extra``, preprocessed like the training images, and a description of them.
+
+    Labelled images from ``extra.images_dir``/``extra.labels_dir`` (e.g. `latticewatch simulate`
+    output) are resampled to the model's pixel size like any labelled set; ``extra.n_synthetic``
+    256² frames of the analytic generator are made at that pixel size.
+
+    Raises
+    ------
+    LabelledDataError
+        Analytic frames asked for while the model's pixel size is unknown.
+
+    Examples
+    --------
+    >>> extra, text = prepare_extra(ExtraData(n_synthetic=2), normalisation="zscore", pixel_size_nm=0.05)
+    >>> len(extra.images), extra.images[0].shape, text
+    (2, (256, 256), '2 analytic 256² frames (seed 1000)')
+    """
+    parts: list[str] = []
+    prepared = PreparedSet([], [], [], pixel_size_nm)
+    if extra.images_dir is not None:
+        images_dir = Path(extra.images_dir)
+        prepared = prepare_labelled(load_labelled(images_dir, extra.labels_dir), normalisation=normalisation,
+                                    pixel_size_nm=pixel_size_nm)
+        parts.append(f"{len(prepared.names)} images from {relative_path(images_dir, images_dir.parent)}")
+    if extra.n_synthetic:
+        if not pixel_size_nm:
+            raise LabelledDataError("analytic frames (--extra-synthetic) need a known model pixel size: "
+                                    "pass --pixel-size-nm X")
+        seed = extra.seed + 1000
+        images, masks = synthetic_segmentation_set(extra.n_synthetic, seed, shape=(256, 256),
+                                                   pixel_size_nm=pixel_size_nm, normalisation=normalisation,
+                                                   progress=progress)
+        prepared = PreparedSet(prepared.names + [f"analytic_{i:04d}" for i in range(extra.n_synthetic)],
+                               prepared.images + list(images), prepared.masks + [m.astype(bool) for m in masks],
+                               pixel_size_nm)
+        parts.append(f"{extra.n_synthetic} analytic 256² frames (seed {seed})")
+    return prepared, " + ".join(parts)
 
 
 def validation_split(names: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:

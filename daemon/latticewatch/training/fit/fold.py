@@ -40,6 +40,7 @@ def train_fold(
     val_fraction: float,
     progress: bool = False,
     desc: str = "fold",
+    extra: PreparedSet | None = None,
 ) -> dict[str, Any]:
     """Train a net on every image of ``prepared`` but ``test_names`` and score it on those.
 
@@ -50,6 +51,8 @@ def train_fold(
     val_fraction
         Whole series of the training images held out for early stopping; 0 trains for exactly
         ``config.max_steps`` steps.
+    extra
+        Train-only images mixed into the fold's training crops (never validated or tested on).
 
     Returns
     -------
@@ -67,7 +70,7 @@ def train_fold(
     fit_names, val_names = validation_split(train_names, val_fraction, config.seed)
     fit, val = prepared.subset(fit_names), prepared.subset(val_names)
     trained = train_unet((fit.images, fit.masks), (val.images, val.masks) if val_names else None, config,
-                         progress=progress, desc=desc)
+                         progress=progress, desc=desc, extra=(extra.images, extra.masks) if extra else None)
     pooled, per_image = evaluate_net(trained.net, prepared.subset(test_names))
     return {"fold": fold, "n_test": len(test_names), "n_train": len(fit_names), "n_val": len(val_names),
             "test_series": sorted({series_of(n) for n in test_names}), "steps": trained.steps,

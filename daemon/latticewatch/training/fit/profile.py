@@ -12,7 +12,6 @@ import json
 import logging
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,14 @@ from latticewatch.stages.preprocess import Normalisation
 from latticewatch.training.assess.metrics import segmentation_metrics
 from latticewatch.training.data.augment import synthetic_segmentation_set
 from latticewatch.training.data.labelled import load_labelled, series_of
-from latticewatch.training.data.supervised import PreparedSet, prepare_labelled, resolve_pixel_size, validation_split
+from latticewatch.training.data.supervised import (
+    ExtraData,
+    PreparedSet,
+    prepare_extra,
+    prepare_labelled,
+    resolve_pixel_size,
+    validation_split,
+)
 from latticewatch.training.fit.fold import content_ratio_spearman
 from latticewatch.training.fit.forest import forest_metrics, synthetic_region_features, train_forest
 from latticewatch.training.fit.unet import (
@@ -41,6 +47,7 @@ from latticewatch.training.fit.unet import (
     dice_score,
     evaluate_net,
     predict_images,
+    recorded_config,
     train_unet,
 )
 
@@ -182,7 +189,7 @@ def build_synthetic_profile(
             "segmentation": {"command": command,
                              "data": f"analytic generator, {n_frames} train + {n_val} validation 512² frames at "
                                      f"{pixel_size_nm} nm/px, seed {config.seed}",
-                             "metrics": {**seg_metrics, "config": asdict(config)}},
+                             "metrics": {**seg_metrics, "config": recorded_config(config)}},
             "classifier": {"command": command,
                            "data": f"analytic generator, {n_regions_per_class} regions per class "
                                    f"(+ {len(y_test)} held out)",
@@ -232,13 +239,19 @@ def _labelled_sets(images_dir: Path, labels_dir: Path, *, normalisation: Normali
 
 
 def _train_and_export(out_dir: Path, train_set: PreparedSet, val_set: PreparedSet, config: UNetTrainingConfig, *,
-                      resume: bool, progress: bool) -> tuple[list[str], dict[str, Any]]:
+                      extra_set: PreparedSet | None, dataset: Path, resume: bool,
+                      progress: bool) -> tuple[list[str], dict[str, Any]]:
     """Train (resumably, through ``out_dir/checkpoint.safetensors``), score and export the net."""
+    log.info("training %s on %d images (%d validation, %d train-only extra), model pixel size %s nm",
+             config.architecture, len(train_set.names), len(val_set.names), len(extra_set.names) if extra_set else 0,
+             train_set.pixel_size_nm)
     checkpoint = out_dir / "checkpoint.safetensors"
     validation = (val_set.images, val_set.masks) if val_set.names else None
     result = train_unet((train_set.images, train_set.masks), validation, config, progress=progress,
-                        checkpoint=checkpoint, resume=resume, desc=f"training {config.architecture}")
-    metrics: dict[str, Any] = {**_run_summary(result), "config": asdict(config), "n_train_images": len(train_set.names),
+                        checkpoint=checkpoint, resume=resume, desc=f"training {config.architecture}",
+                        extra=(extra_set.images, extra_set.masks) if extra_set else None)
+    metrics: dict[str, Any] = {**_run_summary(result), "config": recorded_config(config, dataset),
+                               "n_train_images": len(train_set.names),
                                "train_foreground_fraction": round(train_set.foreground_fraction, 5)}
     if val_set.names:
         pooled, _ = evaluate_net(result.net, val_set)
@@ -269,6 +282,7 @@ def build_labelled_profile(
     cross_validation: Sequence[dict] = (),
     resume: bool = False,
     progress: bool = True,
+    extra: ExtraData | None = None,
 ) -> Manifest:
     """Train a segmentation-only profile (no classifier) on labelled images and write it.
 
@@ -286,6 +300,9 @@ def build_labelled_profile(
         Outputs of `cross_validate` to record in the manifest (command, settings, per-fold and
         pooled metrics; per-image entries are left out): the one of this architecture as
         ``training.cross_validation``, others (variants compared) as ``cross_validation_<arch>``.
+    extra
+        Train-only images (e.g. simulated frames) mixed into the training crops, never validated
+        on (`prepare_extra`).
     resume
         Continue from ``out_dir/checkpoint.safetensors`` if an interrupted run left one.
 
@@ -300,21 +317,18 @@ def build_labelled_profile(
     train_set, val_set, model_px, val_source = _labelled_sets(
         images_dir, labels_dir, normalisation=normalisation, pixel_size_nm=pixel_size_nm, val_fraction=val_fraction,
         val_dirs=val_dirs, seed=config.seed)
-    log.info("training %s on %d images (%d validation), model pixel size %s nm", config.architecture,
-             len(train_set.names), len(val_set.names), model_px)
-    files, metrics = _train_and_export(out_dir, train_set, val_set, config, resume=resume, progress=progress)
-    sampling = f"{model_px} nm/px" if model_px else "pixel size unknown, no resampling"
+    extra_set, extra_source = (prepare_extra(extra, normalisation=normalisation, pixel_size_nm=model_px,
+                                             progress=progress) if extra else (None, ""))
     dataset = images_dir.parent
+    files, metrics = _train_and_export(out_dir, train_set, val_set, config, extra_set=extra_set, dataset=dataset,
+                                       resume=resume, progress=progress)
+    sampling = f"{model_px} nm/px" if model_px else "pixel size unknown, no resampling"
     data = (f"{len(train_set.names)} labelled images from {relative_path(images_dir, dataset)} "
             f"(labels {relative_path(labels_dir, dataset)}), {sampling}, {normalisation} normalisation; "
-            f"validation: {val_source}")
+            f"validation: {val_source}" + (f"; train-only extra: {extra_source}" if extra_set else ""))
     training = {"segmentation": {"command": command, "metrics": metrics, "data": data},
                 **_cross_validation_entries(cross_validation, config.architecture)}
-    fields: dict[str, Any] = {}
-    if isolation is not None:
-        fields["isolation"] = isolation
-    if archive is not None:
-        fields["archive"] = archive
+    fields = {key: value for key, value in (("isolation", isolation), ("archive", archive)) if value is not None}
     return _write_profile(
         out_dir, files, name=name,
         description=description or f"{config.architecture} segmentation of {foreground}, trained on labelled images "

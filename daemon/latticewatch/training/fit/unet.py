@@ -4,7 +4,9 @@ stopping, resumable safetensors checkpoints.
 Any architecture of ``models.architectures`` trains here (the name is historical: the U-Net came
 first). Images may differ in size: each step draws ``batch_size`` random crops, augmented either
 by the dihedral group (``augment="dihedral"``: 90° turns and flips, exact for the synthetic
-lattices) or by arbitrary rotations and flips (``augment="rotate"``).
+lattices) or by arbitrary rotations and flips (``augment="rotate"``), optionally rescaled
+(``scale_jitter``) and photometrically randomised (``intensity_augment``). A run may start from a
+profile's weights (``init``, `load_init_weights`) and mix train-only extra images into its crops.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from tqdm import tqdm
 from latticewatch.errors import ModelError
 from latticewatch.io.atomic import atomic_path
 from latticewatch.models.architectures import build_net
+from latticewatch.models.manifest import read_manifest, relative_path
+from latticewatch.runtime.plugins import discover_profiles
 from latticewatch.stages.preprocess import pad_to_multiple
 from latticewatch.training.assess.metrics import PixelCounts, pooled_dice
-from latticewatch.training.data.augment import random_dihedral, random_rotation_crop
+from latticewatch.training.data.augment import random_dihedral, random_intensity, random_rotation_crop
 from latticewatch.training.data.supervised import PreparedSet
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,8 @@ log = logging.getLogger(__name__)
 ImageSet = np.ndarray | Sequence[np.ndarray]
 
 #: Training state that must match for a checkpoint to be resumed (the rest may change, e.g. steps).
-_RESUME_KEYS = ("architecture", "widths", "crop", "batch_size", "learning_rate", "max_steps", "seed", "augment")
+_RESUME_KEYS = ("architecture", "widths", "crop", "batch_size", "learning_rate", "max_steps", "seed", "augment",
+                "scale_jitter", "intensity_augment", "extra_fraction", "init")
 
 
 @dataclass
@@ -61,6 +66,10 @@ class UNetTrainingConfig:
     seed: int = 0
     threads: int | None = None
     augment: str = "dihedral"  # or "rotate"
+    scale_jitter: float = 0.0  # "rotate" only: rescale crops by a factor in [1/(1+j), 1+j]
+    intensity_augment: bool = False  # photometric randomisation of each crop (`random_intensity`)
+    extra_fraction: float = 0.5  # share of crops drawn from the train-only extra images, when given
+    init: str | None = None  # start from these weights (see `load_init_weights`) instead of random ones
 
 
 @dataclass
@@ -116,10 +125,10 @@ def predict_images(net: nn.Module, images: Sequence[np.ndarray], batch: int = 4)
     return out  # type: ignore[return-value]
 
 
-def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int,
-                 augment: str) -> tuple[np.ndarray, np.ndarray]:
+def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int, augment: str,
+                 scale_jitter: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     if augment == "rotate":
-        return random_rotation_crop(rng, image, mask, crop)
+        return random_rotation_crop(rng, image, mask, crop, scale_jitter)
     h, w = image.shape
     if h < crop or w < crop:  # small image: mirror it out to the crop size
         pad = ((0, max(0, crop - h)), (0, max(0, crop - w)))
@@ -130,8 +139,64 @@ def _random_crop(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
+def init_weights_path(source: str | Path) -> Path:
+    """The safetensors file of ``source``: itself (a ``.safetensors`` file), the segmentation
+    weights of a profile directory, or those of an installed profile of that name.
+
+    Raises
+    ------
+    CheckpointError
+        ``source`` is none of these.
+
+    Examples
+    --------
+    >>> init_weights_path("nanoparticles").name
+    'unet.safetensors'
+    """
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return path
+    if (path / "manifest.json").is_file():
+        return path / read_manifest(path).segmentation.weights
+    # a same-named folder without a manifest (e.g. this run's --out) must not hide an installed profile
+    entry = discover_profiles().get(str(source))
+    if entry is None or entry.directory is None:
+        raise CheckpointError(f"{source}: neither a .safetensors file, a profile directory nor an installed profile")
+    return entry.directory / read_manifest(entry.directory).segmentation.weights
+
+
+def load_init_weights(net: nn.Module, source: str | Path) -> None:
+    """Load a profile's weights into ``net`` to fine-tune from them (``source`` as in
+    `init_weights_path`); the architecture and widths must match.
+
+    Examples
+    --------
+    >>> load_init_weights(build_net("unet", (4, 8, 16, 32)), "nanoparticles")
+    """
+    path = init_weights_path(source)
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit this architecture/widths: "
+                              f"{str(err).splitlines()[0]}") from err
+    log.info("initialised from %s", path)
+
+
 def _config_meta(config: UNetTrainingConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def recorded_config(config: UNetTrainingConfig, dataset: Path | None = None) -> dict:
+    """``config`` as a manifest or a cross-validation result records it: tuples as lists, ``init``
+    never a machine's absolute path (`relative_path`, ``dataset``: the folder of the data read).
+
+    >>> recorded_config(UNetTrainingConfig(init="/data/profiles/np"), Path("/data/real"))["init"]
+    'profiles/np'
+    """
+    meta = _config_meta(config)
+    if config.init:
+        meta["init"] = relative_path(config.init, dataset)
+    return meta
 
 
 @dataclass
@@ -225,14 +290,19 @@ def _as_lists(pair: tuple[ImageSet, ImageSet] | None) -> tuple[list, list]:
 
 
 def _train_step(net: nn.Module, optimiser, schedule, rng: np.random.Generator, data: tuple[list, list],
-                config: UNetTrainingConfig) -> torch.Tensor:
-    """One optimiser step on ``batch_size`` random augmented crops; the batch's loss."""
+                extra: tuple[list, list], config: UNetTrainingConfig) -> torch.Tensor:
+    """One optimiser step on ``batch_size`` random augmented crops (a share ``extra_fraction`` of
+    them from ``extra`` when it holds images); the batch's loss."""
     net.train()
-    images, masks = data
     xb, yb = [], []
     for _ in range(config.batch_size):
+        images, masks = data
+        if extra[0] and (not images or rng.random() < config.extra_fraction):
+            images, masks = extra
         i = int(rng.integers(len(images)))
-        x, y = _random_crop(rng, images[i], masks[i], config.crop, config.augment)
+        x, y = _random_crop(rng, images[i], masks[i], config.crop, config.augment, config.scale_jitter)
+        if config.intensity_augment:
+            x = random_intensity(rng, x)
         xb.append(x)
         yb.append(y)
     x = torch.from_numpy(np.stack(xb)[:, None])
@@ -256,6 +326,7 @@ def train_unet(
     resume: bool = False,
     until_step: int | None = None,
     desc: str = "training",
+    extra: tuple[ImageSet, ImageSet] | None = None,
 ) -> TrainingResult:
     """Train on random augmented crops; keep the weights with the best validation Dice.
 
@@ -269,6 +340,9 @@ def train_unet(
     checkpoint
         Written every ``eval_every`` steps (model, best model, optimiser, schedule, random
         states); with ``resume=True`` an existing one is continued from.
+    extra
+        Train-only ``(images, masks)`` (e.g. simulated frames mixed with a few real ones): a share
+        ``config.extra_fraction`` of the crops comes from them; never used for validation.
     until_step
         Stop after this step as if interrupted (the schedule still spans ``max_steps``), e.g. to
         train in sessions: a later call with ``resume=True`` continues exactly where this stopped.
@@ -285,8 +359,10 @@ def train_unet(
     if config.threads:
         torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
-    data, val_data = _as_lists(train), _as_lists(val)
+    data, val_data, extra_data = _as_lists(train), _as_lists(val), _as_lists(extra)
     net = build_net(config.architecture, config.widths)
+    if config.init:
+        load_init_weights(net, config.init)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     # decaying the rate steadies batch-norm statistics late in training, so validation Dice stops swinging
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.max_steps,
@@ -300,7 +376,7 @@ def train_unet(
     bar = tqdm(range(step + 1, last + 1), desc=desc, disable=not progress, unit="step", initial=step,
                total=config.max_steps)
     for step in bar:
-        loss = _train_step(net, optimiser, schedule, rng, data, config)
+        loss = _train_step(net, optimiser, schedule, rng, data, extra_data, config)
         evaluate = step % config.eval_every == 0 or step == config.max_steps
         if not evaluate and step != last:
             continue

@@ -52,6 +52,14 @@
     let p = "";
     series.forEach((s, i) => { p += (p ? "L" : "M") + x(i).toFixed(1) + "," + y(s.particles / maxP).toFixed(1); });
     svg.appendChild(el("path", { d: p, fill: "none", stroke: "#56b4e9", "stroke-width": 1, opacity: 0.35, "vector-effect": "non-scaling-stroke" }));
+    // frames outside the model's domain: marked on the time axis, left out of the defect fraction
+    let ood = 0;
+    series.forEach((s, i) => {
+      if (!s.out_of_domain) return;
+      ood++;
+      svg.appendChild(el("text", { x: x(i), y: b.h - b.b - 2, "text-anchor": "middle", class: "ood-mark", fill: "#d55e00" }, "✕"));
+    });
+    svg.setAttribute("data-ood-points", String(ood));
     svg.appendChild(el("text", { x: b.w - b.r, y: b.h - 6, "text-anchor": "end" }, n + " frames (blue: particles/frame, max " + maxP + ")"));
     if (!pts.length) svg.appendChild(el("text", { x: b.w / 2, y: b.h / 2, "text-anchor": "middle", class: "empty" }, "no oriented particles yet"));
     svg.setAttribute("data-points", String(n));
@@ -158,6 +166,9 @@
   function drawKpis(s) {
     $("kpi-frames").textContent = s.totals.frames;
     $("kpi-particles").textContent = s.totals.particles;
+    const ood = $("kpi-ood");
+    ood.textContent = s.totals.out_of_domain;
+    ood.className = "value" + (s.totals.out_of_domain ? " ood" : "");
     $("kpi-fps").textContent = s.throughput_fps.toFixed(2) + " fps";
     const l = s.latency;
     $("kpi-latency").textContent = l.p50_s === null ? "–" : l.p50_s.toFixed(2) + " / " + l.max_s.toFixed(2) + " s";
@@ -174,7 +185,11 @@
       img.src = "thumbnail.png?v=" + t.version;
       img.setAttribute("data-version", String(t.version));
       img.setAttribute("data-frame", t.frame_id);
-      $("thumb-id").textContent = t.frame_id;
+      const ood = t.out_of_domain && t.out_of_domain.length;
+      img.className = ood ? "ood" : "";
+      img.setAttribute("data-out-of-domain", ood ? "true" : "false");
+      $("thumb-id").textContent = t.frame_id + (ood ? " — out of model domain: " + t.out_of_domain.join("; ") : "");
+      $("thumb-id").className = "note" + (ood ? " ood-note" : "");
     }
   }
 
