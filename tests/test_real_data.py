@@ -35,3 +35,12 @@ def test_the_recorded_real_accuracy_beats_the_published_models_and_the_baselines
     published = MANIFEST.training["real_evaluate"].metrics["published_pynanofind"]
     assert len(published) == 3 and all(p["dice"] < pooled for p in published.values())
     assert "zscore" == MANIFEST.segmentation.normalisation  # the answer must not move with global contrast
+
+
+def test_the_graphene_profile_records_its_cross_validated_accuracy_on_real_frames():
+    from latticewatch_graphene import profile_dir as graphene_dir
+
+    cv = read_manifest(graphene_dir).training["cross_validation"].metrics
+    pooled = cv["model"]["pooled"]
+    assert pooled["jaccard"] >= 0.86 and pooled["jaccard"] > cv["baselines"]["bragg"]["pooled"]["jaccard"]
+    assert cv["folds"] == 5  # by series: a series never straddles train and test
