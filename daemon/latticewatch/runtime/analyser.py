@@ -131,14 +131,16 @@ class Analyser:
     def prepare(self, frame: Frame) -> Prepared:
         """Validate and preprocess one frame (first phase of `analyse`); raises `FrameError`."""
         validate_pixels(frame)
-        seg = self.manifest.segmentation
+        seg, clf = self.manifest.segmentation, self.manifest.classifier
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if frame.pixel_size_nm is None:
             warnings.append("pixel size unknown: no resampling, sizes reported in pixels only")
         with _timed(timings, "preprocess"):
+            # the forest's features are computed the way it was trained, whatever the network needs
             pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation,
-                             model_pixel_size_nm=seg.pixel_size_nm)
+                             model_pixel_size_nm=seg.pixel_size_nm,
+                             feature_normalisation=clf.normalisation if clf else None)
         return Prepared(frame, pre, timings, warnings)
 
     def segment_batch(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
@@ -180,10 +182,7 @@ class Analyser:
         with _timed(timings, "domain"):
             doubts = out_of_domain(probability, labels, self.manifest.domain)
         with _timed(timings, "features"):
-            seg, clf = self.manifest.segmentation, self.manifest.classifier
-            # the forest's features are computed the way it was trained, whatever the network needs
-            feature_image = pre.normalised(clf.normalisation, seg.normalisation) if clf else pre.image
-            features = [region_features(feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
+            features = [region_features(pre.feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
         with _timed(timings, "classify"):
             verdicts = self.classifier(features) if self.classifier else [("unclassified", {})] * len(isolated)

@@ -141,11 +141,7 @@ class Preprocessed:
     image: np.ndarray  # float32, at the model's pixel size, not padded
     scale: float  # model pixels per original pixel
     pixel_size_nm: float | None  # pixel size of ``image``
-    filtered: np.ndarray  # ``image`` before normalisation, for a stage that normalises its own way
-
-    def normalised(self, method: Normalisation, current: Normalisation) -> np.ndarray:
-        """The image under ``method``; ``current`` is how `image` was normalised (no work when they agree)."""
-        return self.image if method == current else normalise(self.filtered, method)
+    feature_image: np.ndarray  # ``image`` normalised for the region features (the same array unless asked otherwise)
 
 
 def preprocess(
@@ -154,8 +150,13 @@ def preprocess(
     *,
     normalisation: Normalisation,
     model_pixel_size_nm: float | None,
+    feature_normalisation: Normalisation | None = None,
 ) -> Preprocessed:
     """Resample to the model's pixel size (when both sizes are known), median 3×3, normalise.
+
+    ``feature_normalisation`` (when it differs from ``normalisation``) also gives the region
+    features their own copy, normalised the way the classifier was trained; otherwise the features
+    see the network's image.
 
     Resampling comes first so the median filter always acts at the sampling the network was
     trained at: at a finer camera sampling a 3×3 median would keep more fringe contrast than the
@@ -174,4 +175,7 @@ def preprocess(
         scale = image.shape[0] / pixels.shape[0]
         sampled_nm = pixel_size_nm / scale
     filtered = median3x3(image)
-    return Preprocessed(normalise(filtered, normalisation), scale, sampled_nm, filtered)
+    model_image = normalise(filtered, normalisation)
+    own = feature_normalisation is not None and feature_normalisation != normalisation
+    feature_image = normalise(filtered, feature_normalisation) if own else model_image
+    return Preprocessed(model_image, scale, sampled_nm, feature_image)
