@@ -9,7 +9,26 @@ def randomised_net(arch: str, widths, seed: int = 0):
     from latticewatch.models.architectures import build_net
 
     torch.manual_seed(seed)
-    net = build_net(arch, widths)
+    return _randomise_batch_norm(build_net(arch, widths))
+
+
+def randomised_cnn(seed: int = 0):
+    """A small eval-mode crop CNN (3 channels, 5 classes, widths 4-8) with random batch-norm statistics and a
+    head scaled up so its probabilities are far from uniform (some regions confident, some not)."""
+    import torch
+
+    from latticewatch.models.architectures import build_classifier
+
+    torch.manual_seed(seed)
+    net = _randomise_batch_norm(build_classifier("crop-cnn", 3, 5, widths=(4, 8)))
+    with torch.no_grad():
+        net.head.weight.mul_(8.0)
+    return net
+
+
+def _randomise_batch_norm(net):
+    import torch
+
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

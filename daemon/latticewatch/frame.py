@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
+from latticewatch.stages.defect_fraction import DefectConfusion, DefectEstimate, estimate_defect_fraction
+
 #: The five classes of the Groschner et al. (2021) random forest, in the order of its outputs.
 CLASSES: tuple[str, ...] = ("stacking_fault", "no_stacking_fault", "misoriented", "agglomeration", "empty")
+
+#: Label of a particle whose largest class probability is below the classifier's ``uncertain_below``.
+UNCERTAIN = "uncertain"
 
 #: Frames with a side shorter than this are refused (by the readers, the stream sources and the
 #: analyser): they cannot hold a particle at any sensible sampling, and tiny declared sizes are a
@@ -102,6 +108,8 @@ class Analysis:
     probability: np.ndarray | None = None  # float32 particle probability at original shape
     # why the model's answer is not to be trusted (whole-frame region, p near 0.5 …); empty when in its domain
     out_of_domain: tuple[str, ...] = ()
+    # the classifier's held-out stacking-fault confusion (the manifest's), which corrects the defect fraction
+    defect_confusion: DefectConfusion | None = None
 
     @property
     def coverage(self) -> float:
@@ -121,12 +129,23 @@ class Analysis:
             counts[region.label] = counts.get(region.label, 0) + 1
         return counts
 
+    @functools.cached_property
+    def defect(self) -> DefectEstimate:
+        """The defect fraction, stacking faults among particles on zone axis (fault + no fault) as in the paper,
+        corrected for the classifier's confusion, with its 95 % interval (`estimate_defect_fraction`).
+
+        Only particles labelled ``stacking_fault`` or ``no_stacking_fault`` count (not ``uncertain``,
+        misoriented, agglomerates, empty); a frame outside the model's domain counts none, so every
+        fraction is ``None``.
+        """
+        counts = {} if self.out_of_domain else self.class_counts()
+        return estimate_defect_fraction(counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0),
+                                        self.defect_confusion)
+
     @property
     def defect_fraction(self) -> float | None:
-        """Stacking-fault particles among those on zone axis (fault + no fault), as in the paper."""
-        counts = self.class_counts()
-        oriented = counts["stacking_fault"] + counts["no_stacking_fault"]
-        return counts["stacking_fault"] / oriented if oriented else None
+        """The corrected point estimate of `defect` (``None``: no particle on zone axis, or out of domain)."""
+        return self.defect.estimate
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from latticewatch.cli import main
 from latticewatch.sinks.reports import CSV_COLUMNS
+from latticewatch.stages.defect_fraction import DefectConfusion, estimate_defect_fraction
 from latticewatch.testing.synthetic.frames import generate_frame
 
 
@@ -76,6 +77,17 @@ def test_process_prints_a_table(tmp_path, inputs, capsys):
     assert main(["process", str(inputs["stack"]), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "stack_s0000" in out and "2 frame(s) analysed, 0 failed" in out
+    assert "defect frac [95 %]" in out
+    for name in ("stack_s0000", "stack_s0001"):
+        report = json.loads((tmp_path / "o" / f"{name}.json").read_text())
+        counts = report["class_counts"]
+        expected = estimate_defect_fraction(counts["stacking_fault"], counts["no_stacking_fault"],
+                                            DefectConfusion(**c) if (c := report["defect_confusion"]) else None)
+        assert report["defect_fraction_raw"] == expected.raw
+        assert report["defect_fraction_lower"] == (None if expected.lower is None else round(expected.lower, 4))
+        # the table's cell: estimate [lower–upper], or – when no particle was counted
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert line.split()[-2 if expected.estimate is None else -3:-1] == str(expected).split()
 
 
 def test_unknown_profile_is_a_usage_error(tmp_path, inputs, capsys):

@@ -86,3 +86,40 @@ def test_shipped_manifests_record_no_machine_paths(plugin):
     for key, entry in manifest.training.items():
         for text in (entry.command, entry.data):
             assert not re.search(r"(^|[\s='(])/(work|tmp|home|root|Users)/", text), f"{plugin} training.{key}: {text}"
+
+
+def test_classifier_section_is_a_forest_or_a_cnn_and_old_manifests_read_as_forest(tmp_path):
+    raw = json.loads((PROFILE_DIR / "manifest.json").read_text())
+    old = {k: v for k, v in raw["classifier"].items() if k not in ("kind", "arrays", "uncertain_below",
+                                                                     "defect_confusion")}
+    assert Manifest.model_validate({**raw, "classifier": old}).classifier.kind == "forest"  # written before kinds
+    with pytest.raises(ValidationError, match="needs 'arrays'"):
+        Manifest.model_validate({**raw, "classifier": {**old, "skops": None}})
+    cnn = {"kind": "cnn", "onnx": "cnn.onnx", "input": {"size_px": 64}, "uncertain_below": 0.55,
+           "defect_confusion": {"true_stacking_fault": [40, 5], "true_no_stacking_fault": [3, 52]}}
+    with pytest.raises(ValidationError, match=r"\['cnn.onnx'\] are used but have no sha256"):
+        Manifest.model_validate({**raw, "classifier": cnn})
+    raw["files"]["cnn.onnx"] = "0" * 64
+    manifest = Manifest.model_validate({**raw, "classifier": cnn})
+    clf = manifest.classifier
+    assert clf.input.size_px == 64 and clf.defect_confusion.true_stacking_fault == (40, 5)
+    assert clf.model_files == ("cnn.onnx",)
+    with pytest.raises(ValidationError, match="'forest', 'cnn'"):
+        Manifest.model_validate({**raw, "classifier": {**cnn, "kind": "svm"}})
+    with pytest.raises(ValidationError, match="features"):
+        Manifest.model_validate({**raw, "classifier": {**cnn, "features": ["fft_mean"]}})  # a forest's key
+
+    out = copy_of_profile(tmp_path)
+    with pytest.raises(ManifestError, match=r"(?s)invalid.*\['cnn.onnx'\] are used but have no sha256"):
+        update_manifest(out, lambda m: m.update(classifier=cnn))
+    shutil.copy(Path(__file__).parents[1] / "fixtures" / "random_cnn.onnx", out / "cnn.onnx")
+
+    def to_cnn(m):
+        m["classifier"] = cnn
+        m["files"]["cnn.onnx"] = sha256_of(out / "cnn.onnx")
+
+    assert update_manifest(out, to_cnn).classifier.kind == "cnn"
+    written = json.loads((out / MANIFEST_NAME).read_text())["classifier"]
+    assert next(iter(written)) == "kind" and written["input"] == {"size_px": 64, "channels": ["image", "mask",
+                                                                                             "log_power"]}
+    assert read_manifest(out).classifier == clf

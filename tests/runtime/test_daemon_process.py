@@ -1,12 +1,10 @@
 """A real daemon process, SIGKILLed mid-stream and restarted: every section analysed exactly once.
 
 SerialEM is emulated by `SerialEMStack` (pixels, header, mdoc — in that order) in this process,
-while `latticewatch run` watches the folder in a subprocess. And ``latticewatch demo``, which
-replays synthetic frames into its own daemon, ends with a summary scored against their truth.
+while `latticewatch run` watches the folder in a subprocess. (``latticewatch demo``: test_demo.py.)
 """
 
 import json
-import re
 import signal
 import sqlite3
 import subprocess
@@ -14,11 +12,8 @@ import sys
 import threading
 import time
 
-import numpy as np
-import pytest
-
 from latticewatch.sinks.archive import ArchiveReader
-from latticewatch.testing.replay import SerialEMStack, synthetic_frames
+from latticewatch.testing.replay import SerialEMStack
 from waiting import wait_until
 
 N_SECTIONS = 24
@@ -103,45 +98,3 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_repeats_nothing(tmp_p
     assert archived == {f"scope:grid1.mrc#{k}" for k in range(N_SECTIONS)}
     assert (incoming / "broken.mrc").exists()  # bad files stay where they are
 
-
-def demo(tmp_path, *options):
-    out = subprocess.run(
-        [sys.executable, "-m", "latticewatch", "demo", "--frames", "3", "--size", "256", "--rate", "0",
-         "--dir", str(tmp_path), "--exit-when-done", "--metrics-port", "0",
-         "--dashboard-port", "0", "--events-address", "tcp://127.0.0.1:0", *options],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out
-
-
-def test_demo_runs_stops_by_itself_and_sums_up_against_the_truth(tmp_path, profile_dir):
-    out = demo(tmp_path, "--profile", str(profile_dir))
-    assert "3 frame(s) analysed" in out.stdout
-    assert str(tmp_path / "data" / "state" / "events.jsonl") in out.stdout
-    table = out.stdout.partition("3 frame(s) analysed")[2]
-    assert re.search(r"^  particles +\d+ +\d+$", table, re.M), table
-    assert re.search(r"^  defect fraction +(\d\.\d\d|–) +(\d\.\d\d|–)$", table, re.M), table
-    assert re.search(r"^  Dice vs truth +[01]\.\d\d .*pooled over 3 frames", table, re.M), table
-    assert re.search(r"^  flagged +\d+ out of domain, 0 quarantined", table, re.M), table
-    assert '"analysed"' not in out.stdout  # the raw statistics only with --json
-
-
-def test_demo_json_gives_the_stats_and_the_dice_of_the_archived_masks(tmp_path):
-    # the shipped profile: the random test net finds no particle, and a Dice of 0 would prove little
-    result = json.loads(demo(tmp_path, "--json").stdout)  # stdout is the JSON alone
-    assert result["analysed"] == 3 and result["quarantined"] == 0 and result["archive"]["archived"] == 3
-    summary = result["summary"]
-    truths = {f"demo:demo.mrc#{k}": truth for k, (_, truth) in enumerate(synthetic_frames(3, shape=(256, 256)))}
-    assert summary["frames_analysed"] == 3 and summary["dice_frames"] == 3
-    # the daemon's masks as it archived them, against the truth generated again from the same seed
-    overlap = pixels = 0
-    for archived in ArchiveReader(tmp_path / "data" / "archive"):
-        found, true = archived.mask() > 0, truths.pop(archived.frame_id).mask > 0
-        overlap += np.count_nonzero(found & true)
-        pixels += np.count_nonzero(found) + np.count_nonzero(true)
-    assert not truths and overlap > 0
-    assert summary["dice"] == pytest.approx(2 * overlap / pixels)
-    if summary["out_of_domain"] == 0:
-        truth_particles = sum(len(t.particles) for _, t in synthetic_frames(3, shape=(256, 256)))
-        assert summary["truth"]["particles"] == truth_particles

@@ -3,6 +3,7 @@ real HTTP, and the page driven by a real headless Chromium (Debian ``chromium``)
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,8 +13,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from latticewatch.frame import Analysis, Frame, Region
+from latticewatch.sinks.dashboard import DashboardSink
+from latticewatch.sinks.events import RunnerInfo, frame_events
+from latticewatch.stages.defect_fraction import DefectConfusion
 from latticewatch.testing.replay import replay, source_frames
 from waiting import wait_until
 
@@ -122,8 +128,6 @@ def dump_dom(tmp_path, url):
 
 
 def attr(dom, element_id, name):
-    import re
-
     # element_id "" is <body>
     tag = re.search(rf'<[^>]*\bid="{element_id}"[^>]*>', dom) if element_id else re.search(r"<body[^>]*>", dom)
     assert tag, f"no #{element_id} in the page"
@@ -148,6 +152,9 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     assert counts == state["class_totals"] and sum(counts.values()) > 0
     assert int(attr(dom, "chart-sizes", "data-points")) > 0  # size distribution drawn
     assert int(attr(dom, "chart-latency", "data-points")) >= 1
+    # the rolling defect fraction's 95 % band covers every frame that has one
+    banded = sum(s["rolling_interval"]["lower"] is not None for s in state["series"])
+    assert int(attr(dom, "chart-defect", "data-band-points")) == banded
     first_thumb = attr(dom, "thumb", "src")
     assert first_thumb and first_thumb.startswith("thumbnail.png?v=")
     assert attr(dom, "thumb", "data-frame").endswith(f"#{N_FRAMES - 1}") or int(attr(dom, "thumb", "data-version")) >= 1
@@ -166,3 +173,32 @@ def test_page_in_headless_chromium_shows_data_and_the_thumbnail_updates(daemon, 
     result = chromium(tmp_path, "--virtual-time-budget=3000", "--hide-scrollbars", "--window-size=1280,900",
                       f"--screenshot={shot}", url + "/?sse_max_s=1")
     assert shot.exists() and shot.stat().st_size > 10_000, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)")
+def test_page_draws_the_rolling_defect_fraction_inside_its_shaded_95_percent_band(tmp_path):
+    """The dashboard sink alone, fed frames with known counts: the band is drawn, the line runs inside it."""
+    confusion = DefectConfusion(true_stacking_fault=(85, 15), true_no_stacking_fault=(10, 90))
+    runner = RunnerInfo(phases_s={}, latency_s=0.1, budget_ms=None, overrun=False)
+    sink = DashboardSink(port=0, max_rate_hz=20)
+    try:
+        for k in range(8):
+            labels = ["stacking_fault"] * (k % 3 + 1) + ["no_stacking_fault"] * 4 + ["uncertain"]
+            regions = tuple(Region(i, (0, 0, 4, 4), (2.0, 2.0), None, 12, 2.0, 1.6, 0.1, 0.9, False, False, {}, lab)
+                            for i, lab in enumerate(labels))
+            frame = Frame(f"cam:{k}", np.random.default_rng(k).normal(size=(64, 64)).astype(np.float32), 0.05)
+            analysis = Analysis(frame.frame_id, np.zeros((64, 64), np.uint8), regions, {}, {}, "test", 0.05, 0.9,
+                                defect_confusion=confusion)
+            sink.consume(frame_events(frame, analysis, runner))
+        wait_for_dashboard(lambda: get_json(sink.url + "/api/state")["totals"]["frames"] == 8, 10, "the frames")
+        dom = dump_dom(tmp_path, sink.url + "/")
+    finally:
+        sink.close()
+    assert attr(dom, "chart-defect", "data-band-points") == "8"
+    chart = re.search(r'<svg[^>]*id="chart-defect".*?</svg>', dom, re.S).group(0)
+    band = re.search(r'<polygon[^>]*class="band"[^>]*>', chart).group(0)
+    ys = [float(p.split(",")[1]) for p in re.search(r'points="([^"]*)"', band).group(1).split()]
+    line = re.search(r'<path d="(M[^"]*)"[^>]*stroke="#f5f5f5"', chart).group(1)
+    line_ys = [float(p.split(",")[1]) for p in re.split("[ML]", line) if p]
+    upper, lower = ys[:8], ys[8:][::-1]  # SVG y grows downwards: the upper bound has the smaller y
+    assert all(u <= y <= lo for u, y, lo in zip(upper, line_ys, lower)) and any(u < lo for u, lo in zip(upper, lower))

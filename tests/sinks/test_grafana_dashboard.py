@@ -45,7 +45,22 @@ def test_every_promql_expression_references_exported_metrics(analysed):
             assert name in exported, f"{expr!r} uses {name!r}, which the daemon does not export"
         used |= names
     # the dashboard shows the defect fraction and covers every family the issue asks for
-    for family in ("latticewatch_defect_fraction_rolling", "latticewatch_frames_total",
+    for family in ("latticewatch_defect_fraction_rolling", "latticewatch_defect_fraction_rolling_bounds",
+                   "latticewatch_defect_fraction_bounds", "latticewatch_frames_total",
                    "latticewatch_frame_latency_seconds_bucket", "latticewatch_particle_diameter_nm_bucket",
                    "latticewatch_queue_depth", "latticewatch_archive_compression_ratio"):
         assert family in used
+
+
+def test_the_defect_fraction_panels_shade_the_interval_between_the_exported_bounds():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    shaded = set()
+    for panel in panels:
+        legends = {t["legendFormat"]: t["expr"] for t in panel.get("targets", [])}
+        for override in panel["fieldConfig"]["overrides"]:
+            fill = {p["id"]: p["value"] for p in override["properties"]}.get("custom.fillBelowTo")
+            if fill is not None:
+                upper, lower = legends[override["matcher"]["options"]], legends[fill]
+                assert upper.endswith('_bounds{bound="upper"}') and lower == upper.replace("upper", "lower")
+                shaded.add(upper.partition("{")[0])
+    assert shaded == {"latticewatch_defect_fraction_bounds", "latticewatch_defect_fraction_rolling_bounds"}

@@ -35,7 +35,8 @@ def test_train_command_writes_a_profile_the_analyser_loads(tmp_path, capsys):
     assert code == 0
     manifest = read_manifest(out)  # verifies every sha256
     assert manifest.name == "tiny" and manifest.segmentation.pixel_size_nm == 0.05
-    assert set(manifest.files) == {"unet.onnx", "unet.safetensors", "forest.skops"}
+    assert set(manifest.files) == {"unet.onnx", "unet.safetensors", "forest.skops", "forest.safetensors"}
+    assert manifest.classifier.arrays == "forest.safetensors"  # what the analyser loads, without scikit-learn
     seg = manifest.training["segmentation"]
     assert "train --out" in seg.command and seg.metrics["onnx_parity"]["max_abs_diff"] <= 1e-4
     assert 0 <= manifest.training["classifier"].metrics["balanced_accuracy"] <= 1

@@ -8,7 +8,7 @@ from latticewatch.cli import main
 from latticewatch.frame import CLASSES, Frame
 from latticewatch.models.manifest import read_manifest, sha256_of
 from latticewatch.runtime.analyser import Analyser
-from latticewatch.stages.classify import load_forest
+from latticewatch.stages.classify import FlatForest, load_forest
 from latticewatch.testing.synthetic.frames import generate_frame
 from latticewatch.training.fit.classifier import features_from_index, read_crop_index, split_by_image
 from latticewatch_nanoparticles import profile_dir
@@ -42,6 +42,18 @@ def test_train_classifier_from_a_crops_index_updates_a_loadable_profile(index, t
     forest = load_forest(profile / "forest.skops")
     assert forest.n_estimators == 500 and forest.criterion == "gini" and forest.class_weight == "balanced"
     assert forest.n_jobs == 1
+    # inference loads the flattened arrays: the same forest, bit for bit
+    assert manifest.classifier.kind == "forest" and manifest.classifier.arrays == "forest.safetensors"
+    assert manifest.files["forest.safetensors"] == sha256_of(profile / "forest.safetensors")
+    X = np.random.default_rng(3).random((50, 5))
+    np.testing.assert_array_equal(FlatForest.load(profile / "forest.safetensors").predict_proba(X),
+                                  forest.predict_proba(X))
+    sf, nosf = (tuple(np.array(m["confusion_matrix"])[i, :2].tolist()) for i in (0, 1))  # held-out SF/no-SF block
+    confusion = manifest.classifier.defect_confusion
+    if sum(sf) and sum(nosf):
+        assert (confusion.true_stacking_fault, confusion.true_no_stacking_fault) == (sf, nosf)
+    else:  # too few held-out crops of the two to measure anything
+        assert confusion is None
 
     analyser = Analyser(profile)
     sample = generate_frame(np.random.default_rng(5), shape=(256, 256), pixel_size_nm=0.05, n_particles=3,

@@ -1,4 +1,4 @@
-"""Command-line side of calibration: ``latticewatch calibrate threshold | baselines | pixel-size | int8-set``.
+"""Command-line side of calibration: ``latticewatch calibrate threshold | baselines | pixel-size | int8-set | domain``.
 
 :func:`register` adds the command and its actions to the main parser.
 """
@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from latticewatch.cli.common import (
     BASELINE_NAMES,
     EXIT_OK,
@@ -17,6 +19,7 @@ from latticewatch.cli.common import (
     add_threads,
     baseline_names,
     command_line,
+    positive_float,
     progress_enabled,
 )
 from latticewatch.errors import ConfigError
@@ -31,6 +34,8 @@ Calibrate a profile against labelled data, or an instrument against a known crys
   pixel-size  nm per pixel at one magnification from the lattice fringes of a known crystal
               (Au, Ag, Pd, Pt, Cu, Si, CdSe, graphene), into an instrument calibration TOML
   int8-set    representative model-ready frames for calibrating an INT8 TensorRT engine
+  domain      the input statistics of the profile's training frames, the reference its
+              out-of-domain check compares every frame with; written into manifest.json
 """
 
 _THRESHOLD_HELP = """\
@@ -69,6 +74,16 @@ model's pixel size, median filtered, normalised), cut into TILE×TILE tiles, des
 mean, standard deviation and particle coverage, and picked by farthest-point sampling so the
 set covers empty carbon, dense particles and everything between. Saved with numpy.savez (no
 pickled objects) together with the ONNX file's sha256 from the manifest.
+"""
+
+_DOMAIN_HELP = """\
+Describe the frames the profile was trained on, prepared exactly as the analyser prepares
+them, by a 15-number descriptor of the model input (shape of the radially averaged power
+spectrum in 12 bins, spread of the local variance, spectral peak height), and store their
+mean and covariance as the manifest's domain.reference. The limit is --margin times the
+largest leave-one-out distance among those frames. The analyser then flags a frame whose
+input is farther than the limit: "input statistics unlike training: distance X (limit Y)".
+Give every folder the profile trained on (and --synthetic N for `train --extra-synthetic N`).
 """
 
 
@@ -140,6 +155,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_threads(q)
     q.set_defaults(func=int8_set_command)
 
+    q = sub.add_parser("domain", help="input statistics of the training frames, for the out-of-domain check",
+                       description=_DOMAIN_HELP, formatter_class=fmt)
+    add_profile(q)
+    q.add_argument("--images", type=Path, nargs="+", required=True, metavar="DIR",
+                   help="folders of the frames the profile was trained on")
+    q.add_argument("--pixel-size-nm", type=positive_float, metavar="NM",
+                   help="pixel size of frames whose files give none")
+    q.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="add the N analytic frames of `train --extra-synthetic N` (default: %(default)s)")
+    q.add_argument("--synthetic-seed", type=int, default=1000, metavar="S",
+                   help="their seed: the training run's --seed + 1000 (default: %(default)s)")
+    q.add_argument("--margin", type=float, default=2.0,
+                   help="limit = margin × largest leave-one-out training distance (default: %(default)s)")
+    q.add_argument("--dry-run", action="store_true", help="print the result, do not write the manifest")
+    q.set_defaults(func=domain_command)
+
 
 def threshold_command(args: argparse.Namespace) -> int:
     from latticewatch.training.assess.calibrate.threshold import calibrate_threshold
@@ -206,4 +237,33 @@ def int8_set_command(args: argparse.Namespace) -> int:
     for failure in r.skipped:  # a sample of the data: a file it cannot use is left out, not an error
         print(f"skipped: {failure.error}", file=sys.stderr)
     print(f"{r.n_chosen} of {r.n_candidates} tiles from {r.n_frames} frame(s) written to {r.path}")
+    return EXIT_OK
+
+
+def _domain_command_line(args: argparse.Namespace) -> str:
+    """`command_line` for several --images folders: each is recorded relative to its own data set."""
+    from latticewatch.models.manifest import recorded_command, relative_path
+
+    folders = {str(d): relative_path(d, d.parent) for d in args.images}
+    argv = [folders.get(a, a) for a in getattr(args, "argv", None) or []]
+    return recorded_command(argv)
+
+
+def domain_command(args: argparse.Namespace) -> int:
+    from latticewatch.training.assess.calibrate.domain import calibrate_domain
+
+    if args.synthetic < 0:
+        raise ConfigError(f"--synthetic must be 0 or more, got {args.synthetic}")
+    r = calibrate_domain(args.profile, args.images, pixel_size_nm=args.pixel_size_nm, n_synthetic=args.synthetic,
+                         synthetic_seed=args.synthetic_seed, margin=args.margin, dry_run=args.dry_run,
+                         command=_domain_command_line(args), progress=progress_enabled())
+    for failure in r.skipped:
+        print(f"skipped: {failure.error}", file=sys.stderr)
+    loo = r.loo_distances
+    print(f"{r.reference.n_frames} training frame(s): distance from the reference {r.distances.min():.2f}–"
+          f"{r.distances.max():.2f}, leave-one-out median {np.median(loo):.2f}, max {loo.max():.2f} "
+          f"({r.names[int(loo.argmax())]})")
+    print(f"limit {r.reference.limit:.2f} (margin {args.margin:g})")
+    print(f"written to {r.manifest_path} (domain.reference, training.domain_reference)" if r.written
+          else "dry run: manifest not changed")
     return EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -19,7 +20,6 @@ from latticewatch.cli.common import (
     error,
     frame_side,
     positive_float,
-    positive_int,
 )
 from latticewatch.errors import ConfigError, StateError
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the parser is built for every command; the config models on
 
     from latticewatch.config import Config
     from latticewatch.frame import Frame
-    from latticewatch.testing.demo_score import DemoScore
+    from latticewatch.testing.demo_score import DemoScore, Truth
 
 #: What ``events --topic`` accepts (``latticewatch.`` prefix optional): the event types, and
 #: ``defect`` for particles labelled stacking_fault.
@@ -64,6 +64,17 @@ def replay_source(text: str) -> str:
         return text
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: not a folder of micrographs, and not synthetic:N")
+    return text
+
+
+def demo_frames_arg(text: str) -> str:
+    """``demo --frames``: ``shipped``, ``synthetic:N`` or an existing folder of labelled frames."""
+    if text == "shipped":
+        return text
+    if text.startswith("synthetic:"):
+        return replay_source(text)
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder of labelled frames, and not shipped or synthetic:N")
     return text
 
 
@@ -158,11 +169,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from latticewatch.testing.replay import SHIPPED_FRAMES, demo_frames
+
+    count, frames = demo_frames(args.frames, shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm,
+                                seed=args.seed)
+    if args.frames == "shipped":
+        what = f"{count} labelled abTEM frames shipped with latticewatch ({SHIPPED_FRAMES})"
+    elif args.frames.startswith("synthetic:"):
+        what = f"{count} synthetic {args.size}² frames of the analytic generator"
+    else:
+        what = f"{count} labelled frames of {args.frames}"
+    temporary = args.dir is None
+    root = Path(tempfile.mkdtemp(prefix="latticewatch-demo-")) if temporary else Path(args.dir)
+    try:
+        return _demo(args, root, what, count, frames)
+    finally:
+        if temporary and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"  removed {root} (--keep keeps it)", file=sys.stderr if args.json else sys.stdout)
+
+
+def _demo(args: argparse.Namespace, root: Path, what: str, count: int, frames: Iterator[tuple[Frame, Truth]]) -> int:
+    """`cmd_demo` once the frames and the folder are known: the daemon and the replay, then the summary."""
     from latticewatch.config import parse_config
     from latticewatch.runtime.daemon import run_daemon, stop_on_signals
     from latticewatch.testing.demo_score import DemoScore, format_summary
 
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="latticewatch-demo-"))
     incoming = root / "incoming"
     config = with_overrides(parse_config({
         "profile": args.profile,
@@ -174,17 +206,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop_on_signals(stop)
     events = config.state_dir / "events.jsonl"
     # with --json, stdout holds the JSON alone
-    print(f"latticewatch demo\n  replaying {args.frames} synthetic {args.size}² frames at {args.rate} Hz into the "
-          f"SerialEM stack {incoming / DEMO_STACK} (+ .mdoc)\n{_where(config)}\n"
+    pace = f"at {args.rate:g} Hz" if args.rate > 0 else "as fast as possible"
+    print(f"latticewatch demo\n  replaying {what} {pace} into the SerialEM stack {incoming / DEMO_STACK} "
+          f"(+ .mdoc)\n{_where(config)}\n"
           f"  ledger:    {config.state_dir / 'ledger.sqlite'}\n"
           f"  {'stops when all frames are analysed' if args.exit_when_done else 'Ctrl-C stops'}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     score = DemoScore()
     incoming.mkdir(parents=True, exist_ok=True)
-    threading.Thread(target=_feed_demo, args=(args, incoming, score, stop), name="demo-replay", daemon=True).start()
+    threading.Thread(target=_feed_demo, args=(args.rate, frames, incoming, score, stop), name="demo-replay",
+                     daemon=True).start()
     if args.exit_when_done:
-        threading.Thread(target=_stop_when_done, args=(config, args.frames, stop), name="demo-done",
-                         daemon=True).start()
+        threading.Thread(target=_stop_when_done, args=(config, count, stop), name="demo-done", daemon=True).start()
     started = time.monotonic()
     stats = run_daemon(config, stop, sinks=[score])
     elapsed = time.monotonic() - started
@@ -197,18 +230,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _feed_demo(args: argparse.Namespace, incoming: Path, score: DemoScore, stop: threading.Event) -> None:
-    """Replay the demo's synthetic frames into its SerialEM stack, handing each one's truth to ``score`` first."""
-    from latticewatch.testing.replay import replay, synthetic_frames
+def _feed_demo(rate_hz: float, frames: Iterator[tuple[Frame, Truth]], incoming: Path, score: DemoScore,
+               stop: threading.Event) -> None:
+    """Replay the demo's frames into its SerialEM stack, handing each one's truth to ``score`` first."""
+    from latticewatch.testing.replay import replay
 
-    def frames() -> Iterator[Frame]:
-        pairs = synthetic_frames(args.frames, shape=(args.size, args.size), pixel_size_nm=args.pixel_size_nm,
-                                 seed=args.seed)
-        for section, (frame, truth) in enumerate(pairs):
+    def announced() -> Iterator[Frame]:
+        for section, (frame, truth) in enumerate(frames):
             score.expect(f"{DEMO_SOURCE}:{DEMO_STACK}#{section}", truth)  # the id the folder source gives it
             yield frame
 
-    replay(frames(), rate_hz=args.rate, to_folder=incoming, serialem_stack=DEMO_STACK, stop=stop)
+    replay(announced(), rate_hz=rate_hz, to_folder=incoming, serialem_stack=DEMO_STACK, stop=stop)
 
 
 def _stop_when_done(config: Config, n_frames: int, stop: threading.Event) -> None:
@@ -284,18 +316,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, metavar="FILE", help="the TOML config")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("demo", help="daemon + SerialEM-style replay of synthetic frames in a temporary folder",
-                       description="Start the daemon on a temporary folder and replay synthetic frames into it the way "
-                       "SerialEM writes a stack; print where the events, metrics and dashboard are, and at the end "
-                       "what the daemon found next to the truth of the frames (Dice of its particle masks). Ctrl-C "
+    p = sub.add_parser("demo", help="daemon + SerialEM-style replay of labelled frames in a temporary folder",
+                       description="Start the daemon on a temporary folder and replay labelled frames into it the way "
+                       "SerialEM writes a stack (by default the abTEM frames shipped with latticewatch); print where "
+                       "the events, metrics and dashboard are, and at the end what the daemon found next to the truth "
+                       "of the frames (particles, coverage, defect fraction, Dice of its particle masks). Ctrl-C "
                        "stops cleanly. If a port is taken (another daemon?), pick others with the options below.")
-    p.add_argument("--frames", type=positive_int, default=20, help="synthetic frames to replay (default: %(default)s)")
+    p.add_argument("--frames", type=demo_frames_arg, default="shipped", metavar="shipped|synthetic:N|DIR",
+                   help="what to replay: the shipped labelled abTEM frames, N frames of the analytic generator "
+                   "(--size, --pixel-size-nm, --seed), or a folder written by latticewatch simulate "
+                   "(default: %(default)s)")
     _add_frame_options(p, rate_hz=2.0)
     add_profile(p)
     p.add_argument("--budget-ms", type=float, default=2000.0,
                    help="per-frame processing budget in ms (default: %(default)s)")
     p.add_argument("--dir", type=Path, default=None,
-                   help="keep everything in this folder (default: a new temporary folder, printed at the start)")
+                   help="keep everything in this folder (default: a new temporary folder, printed at the start and "
+                   "removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (events, ledger, archive)")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every replayed frame is analysed")
     p.add_argument("--json", action="store_true",
                    help="end with the run's statistics as JSON on stdout, the summary under \"summary\" (default: "
@@ -307,8 +345,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_frame_options(p: argparse.ArgumentParser, *, rate_hz: float) -> None:
-    """``--rate``, ``--size``, ``--pixel-size-nm`` and ``--seed``: the pace and the synthetic frames of ``demo`` and
-    ``replay``."""
+    """``--rate``, ``--size``, ``--pixel-size-nm`` and ``--seed``: the pace and the synthetic frames (``synthetic:N``)
+    of ``demo`` and ``replay``."""
     p.add_argument("--rate", type=float, default=rate_hz,
                    help="frames per second (default: %(default)s; 0 = as fast as possible)")
     p.add_argument("--size", type=frame_side, default=512, metavar="PX",

@@ -36,10 +36,21 @@ _TRAIN_HELP = (
 )
 
 _CLASSIFIER_HELP = """\
-Train the profile's region classifier: the random forest of Groschner et al. (2021) — 500
-trees, Gini impurity, classes weighted to balance them — on five features of each region
-(mean, spread and centre of mass of its direction-resolved lattice-band Fourier power; mean
-and standard deviation of its pixels), computed after the profile's own preprocessing.
+Train the profile's region classifier, one of two kinds:
+
+--kind forest (default): the random forest of Groschner et al. (2021) — 500 trees, Gini
+impurity, classes weighted to balance them — on five features of each region (mean, spread
+and centre of mass of its direction-resolved lattice-band Fourier power; mean and standard
+deviation of its pixels), computed after the profile's own preprocessing.
+
+--kind cnn: a small CNN (4 conv blocks 16-32-64-128, global pooling) on a --crop-size window
+around each region at the profile's sampling, with channels image, mask and log power
+spectrum; trained for --steps steps of --batch-size crops, classes drawn equally often,
+with the eight 90° turns/flips and shifts ≤ --shift px. Source images are split into
+train, validation (early stopping, the `uncertain_below` threshold, the defect confusion)
+and test (every score printed and recorded: balanced accuracy, confusion, coverage, tables
+per dose/size/defocus/material, defect-fraction series). Writes cnn.onnx + cnn.safetensors
+and the manifest's classifier section (kind "cnn"); the forest files stay. Needs torch.
 
 Classes: stacking_fault, no_stacking_fault, misoriented, agglomeration, empty.
 
@@ -49,8 +60,8 @@ csv) or are generated analytically (--synthetic N per class). The crops of some 
 are held out as the test set (never crops of one image on both sides); the balanced accuracy
 and confusion matrix on them are printed and recorded in the manifest.
 
-PROFILE_DIR must already be a profile (e.g. from `latticewatch train`); its forest file,
-manifest classifier section and sha256 are replaced, the segmentation model is kept.
+PROFILE_DIR must already be a profile (e.g. from `latticewatch train`); its classifier
+files, manifest classifier section and sha256 are replaced, the segmentation model is kept.
 """
 
 _CROSS_VALIDATE_HELP = (
@@ -172,9 +183,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("train-classifier", help="train the 5-class stacking-fault forest of a profile",
-                       description=_CLASSIFIER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train-classifier", help="train the 5-class stacking-fault classifier (forest or CNN) of a "
+                       "profile", description=_CLASSIFIER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, metavar="PROFILE_DIR", help="profile directory to update")
+    p.add_argument("--kind", choices=("forest", "cnn"), default="forest", help="classifier (default: %(default)s)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--crops", type=Path, metavar="INDEX_CSV", help="crops index, e.g. sim/crops/index.csv")
     source.add_argument("--synthetic", type=int, metavar="N_PER_CLASS",
@@ -182,7 +194,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of source images held out for testing (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the split, the forest and synthetic regions (default: %(default)s)")
+                   help="seed of the split, the forest or CNN and synthetic regions (default: %(default)s)")
+    _add_cnn_arguments(p)
     p.set_defaults(func=train_classifier_command)
 
     p = sub.add_parser("cross-validate", description=_CROSS_VALIDATE_HELP,
@@ -197,6 +210,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="reuse the finished folds of a matching earlier run in --json")
     add_training_arguments(p)
     p.set_defaults(func=cmd_cross_validate)
+
+
+def _add_cnn_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--kind cnn")
+    g.add_argument("--steps", type=int, default=3000, help="optimiser steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="crops per step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, one-cycle (default: %(default)s)")
+    g.add_argument("--crop-size", type=int, default=96, metavar="PX",
+                   help="window side at the profile's pixel size (default: %(default)s)")
+    g.add_argument("--shift", type=int, default=6, metavar="PX",
+                   help="largest random shift of the window in training (default: %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of source images for validation (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=200,
+                   help="steps between validations; the best is kept (default: %(default)s)")
+    g.add_argument("--target-accuracy", type=float, default=0.92,
+                   help="SF-vs-no-SF balanced accuracy the uncertain threshold aims at (default: %(default)s)")
+    g.add_argument("--min-coverage", type=float, default=0.6,
+                   help="least share of SF/no-SF particles the threshold may leave labelled (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: all cores)")
 
 
 def training_config(args: argparse.Namespace, *, augment: str):
@@ -328,12 +361,15 @@ def _print_confusion(metrics: dict) -> None:
 
 def train_classifier_command(args: argparse.Namespace) -> int:
     from latticewatch.models.manifest import read_manifest
-    from latticewatch.training.fit.classifier import features_from_index, synthetic_features, train_classifier
 
     if not 0 < args.test_fraction < 1:
         raise ConfigError(f"--test-fraction must lie between 0 and 1, got {args.test_fraction}")
     if args.synthetic is not None and args.synthetic < 2:
         raise ConfigError(f"--synthetic needs at least 2 regions per class, got {args.synthetic}")
+    if args.kind == "cnn":
+        return _train_cnn_command(args)
+    from latticewatch.training.fit.classifier import features_from_index, synthetic_features, train_classifier
+
     manifest = read_manifest(args.out)
     if args.crops is not None:
         features = features_from_index(args.crops, manifest, progress=progress_enabled())
@@ -353,3 +389,64 @@ def train_classifier_command(args: argparse.Namespace) -> int:
     print(f"balanced accuracy on the held-out images: {m['balanced_accuracy']:.3f}")
     print(f"forest written to {args.out / result.manifest.classifier.skops}; manifest updated")
     return EXIT_OK
+
+
+def _train_cnn_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import read_manifest
+    from latticewatch.stages.crops import CropSpec
+
+    if not 0 < args.val_fraction < 1 - args.test_fraction:
+        raise ConfigError(f"--val-fraction must lie between 0 and 1 - --test-fraction, got {args.val_fraction}")
+    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1:
+        raise ConfigError("--steps, --batch-size and --eval-every must be positive")
+    if args.crop_size < 16 or args.shift < 0:
+        raise ConfigError(f"--crop-size must be ≥ 16 and --shift ≥ 0, got {args.crop_size} and {args.shift}")
+    with needs_extra("train-classifier --kind cnn"):
+        from latticewatch.training.fit.cnn_classifier import (
+            CnnTrainingConfig,
+            crops_from_index,
+            synthetic_crops,
+            train_cnn_classifier,
+        )
+    config = CnnTrainingConfig(
+        spec=CropSpec(size_px=args.crop_size), steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        eval_every=args.eval_every, shift_px=args.shift, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, target_accuracy=args.target_accuracy, min_coverage=args.min_coverage,
+        seed=args.seed, threads=args.threads,
+    )
+    manifest = read_manifest(args.out)
+    if args.crops is not None:
+        crops = crops_from_index(args.crops, manifest, progress=progress_enabled())
+    else:
+        crops = synthetic_crops(args.synthetic, args.seed, manifest)
+    for reason in crops.skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    result = train_cnn_classifier(args.out, crops, config, command=command_line(args), progress=progress_enabled())
+    _print_cnn_report(result.metrics)
+    print(f"CNN written to {args.out / 'cnn.onnx'}; manifest updated (classifier kind cnn)")
+    return EXIT_OK
+
+
+def _print_cnn_report(m: dict) -> None:
+    from latticewatch.training.assess.classifier_metrics import format_table
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    test = m["test"]
+    print(f"{m['n_train']} training crops from {m['n_images_train']} image(s), {m['n_validation']} validation from "
+          f"{m['n_images_validation']}, {m['n_test']} test from {m['n_images_test']}; best step {m['best_step']}")
+    print(f"uncertain below {test['uncertain_below']} ({m['uncertain_below_rule']})")
+    _print_confusion({"classes": list(test["confusion_columns"][:-1]), "confusion_matrix": [
+        row[:-1] for row in test["confusion_matrix"]]})
+    print(f"test: balanced accuracy {number(test['balanced_accuracy'])} on the {number(test['coverage'])} labelled "
+          f"(all, no abstaining: {number(test['balanced_accuracy_all'])}); SF vs no SF "
+          f"{number(test['sf_vs_nosf_balanced_accuracy'])} "
+          f"(forced: {number(test['sf_vs_nosf_balanced_accuracy_forced'])})")
+    for name, rows in m["tables"].items():
+        if rows:
+            print(format_table(rows, name))
+    series = m["defect_series"]
+    if "within_tolerance" in series:
+        print(f"defect-fraction series: within ±{series['tolerance']} in {series['within_tolerance']:.2f}, "
+              f"interval covers the truth in {series['interval_covers']:.2f} of {series['n_series']}")

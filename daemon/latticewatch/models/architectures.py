@@ -16,6 +16,10 @@ name                network                                                     
                     decoder with skips
 ``fpn``             same encoder, feature pyramid + panoptic-FPN semantic head  8 16 32 64
 ==================  ==========================================================  ================
+
+Region classifiers (``training["classifier"].metrics["architecture"]`` of a ``kind = "cnn"``
+classifier) are built by `build_classifier`: ``crop-cnn`` (`models.crop_cnn.CropCNN`, widths
+16 32 64 128), crops (N, C, S, S) → class logits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ ARCHITECTURES: tuple[str, ...] = ("unet", "resnet18-unet", "fpn")
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
     "unet": (4, 8, 16, 32), "resnet18-unet": (8, 16, 32, 64), "fpn": (8, 16, 32, 64),
 }
+CLASSIFIER_ARCHITECTURES: tuple[str, ...] = ("crop-cnn",)
+CLASSIFIER_DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"crop-cnn": (16, 32, 64, 128)}
 
 
 class ArchitectureError(ModelError, ValueError):
@@ -125,3 +131,23 @@ def build_net(arch: str, widths: Sequence[int] | None = None):
     from latticewatch.models.resnet import FPN, ResNetUNet
 
     return ResNetUNet(widths) if arch == "resnet18-unet" else FPN(widths)
+
+
+def build_classifier(arch: str, in_channels: int, n_classes: int, widths: Sequence[int] | None = None,
+                     dropout: float = 0.3):
+    """A freshly initialised region classifier (needs torch: the ``[train]`` extra).
+
+    Examples
+    --------
+    >>> import torch
+    >>> build_classifier("crop-cnn", 3, 5).eval().logits(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 5])
+    """
+    if arch not in CLASSIFIER_ARCHITECTURES:
+        raise ArchitectureError(f"unknown classifier {arch!r}; choose one of {', '.join(CLASSIFIER_ARCHITECTURES)}")
+    widths = tuple(int(w) for w in (CLASSIFIER_DEFAULT_WIDTHS[arch] if widths is None else widths))
+    if not widths or min(widths) < 1:
+        raise ArchitectureError(f"{arch}: widths must be positive integers, got {widths}")
+    from latticewatch.models.crop_cnn import CropCNN
+
+    return CropCNN(in_channels, n_classes, widths, dropout)

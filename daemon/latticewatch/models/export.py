@@ -1,7 +1,8 @@
-"""Export a trained segmentation net to ONNX for inference (needs torch: the ``[train]`` extra).
+"""Export trained nets to ONNX for inference (needs torch: the ``[train]`` extra).
 
-Any net of ``models.architectures`` can be exported: they all expose ``decoder_output``, a 1×1
-two-class ``head`` and a linear spatial ``finish`` (identity, or upsampling for the FPN).
+Any segmentation net of ``models.architectures`` can be exported: they all expose ``decoder_output``,
+a 1×1 two-class ``head`` and a linear spatial ``finish`` (identity, or upsampling for the FPN).
+A region classifier (`export_classifier_onnx`) is exported with its softmax inside the graph.
 """
 
 from __future__ import annotations
@@ -59,6 +60,31 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, *, opset: int = 17) -> 
             output_names=["particle_probability"],
             dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
                           "particle_probability": {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def export_classifier_onnx(net: nn.Module, path: str | os.PathLike, *, channels: int, size_px: int,
+                           opset: int = 17) -> None:
+    """Write a region classifier (in eval mode) as ONNX: input ``crops`` (N, C, S, S) float32, output
+    ``probabilities`` (N, n_classes), softmax included, dynamic batch (a frame's regions in one call).
+
+    Examples
+    --------
+    >>> from latticewatch.models.architectures import build_classifier
+    >>> export_classifier_onnx(build_classifier("crop-cnn", 3, 5), "cnn.onnx", channels=3, size_px=96)  # doctest: +SKIP
+    """
+    net = net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # as in export_onnx
+        torch.onnx.export(
+            net,
+            torch.zeros(2, channels, size_px, size_px),
+            str(path),
+            input_names=["crops"],
+            output_names=["probabilities"],
+            dynamic_axes={"crops": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )

@@ -17,14 +17,25 @@ import os
 import shlex
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from latticewatch.errors import ModelError
 from latticewatch.frame import CLASSES
 from latticewatch.io.atomic import write_atomic
 from latticewatch.models import architectures
+from latticewatch.stages.crops import CropSpec
+from latticewatch.stages.defect_fraction import DefectConfusion
 from latticewatch.stages.domain import DomainRules
 from latticewatch.stages.isolate import IsolationParams
 from latticewatch.stages.preprocess import Normalisation
@@ -61,12 +72,67 @@ class SegmentationModel(_Strict):
         return architectures.divisor(self.architecture, self.widths)
 
 
-class ClassifierModel(_Strict):
-    skops: str
+class _Classifier(_Strict):
+    kind: str  # first in the written manifest; each kind narrows it to its literal
     classes: tuple[str, ...] = CLASSES
+    uncertain_below: float | None = Field(
+        None, gt=0, le=1, description="a particle whose largest class probability is below this is labelled "
+        "'uncertain' (its probabilities are still reported); none: always the most probable class")
+    defect_confusion: DefectConfusion | None = Field(
+        None, description="stacking-fault vs no-fault confusion on held-out data, written by the trainer; "
+        "corrects the defect fraction")
+
+
+class ForestClassifier(_Classifier):
+    """The Groschner et al. (2021) random forest on the five region features."""
+
+    kind: Literal["forest"] = "forest"
+    arrays: str | None = Field(None, description="safetensors file of the flattened forest: what inference loads "
+                               "(no scikit-learn needed); a profile without it loads the skops file instead")
+    skops: str | None = Field(None, description="the fitted scikit-learn forest (skops), for training and inspection")
     features: tuple[str, ...]
     normalisation: Normalisation = Field(
         "max", description="intensity normalisation its features were computed with; the segmentation's may differ")
+
+    @model_validator(mode="after")
+    def _has_a_forest(self) -> "ForestClassifier":
+        if self.arrays is None and self.skops is None:
+            raise ValueError("a forest classifier needs 'arrays' (or, in older profiles, 'skops')")
+        return self
+
+    @property
+    def model_files(self) -> tuple[str, ...]:
+        """The files this section names (each must have a sha256 in the manifest's ``files``)."""
+        return tuple(name for name in (self.arrays, self.skops) if name)
+
+
+class CnnClassifier(_Classifier):
+    """A CNN on each region's crop (`latticewatch.stages.crops.classifier_input`), run by ONNX Runtime."""
+
+    kind: Literal["cnn"]
+    onnx: str = Field(description="ONNX file: input 'crops' (N,C,S,S) float32 → output 'probabilities' "
+                      "(N, n_classes), softmax inside the graph")
+    weights: str | None = Field(None, description="safetensors file of the torch weights, for retraining")
+    input: CropSpec = Field(CropSpec(), description="how a region becomes the network's input")
+
+    @property
+    def model_files(self) -> tuple[str, ...]:
+        """The files this section names (each must have a sha256 in the manifest's ``files``)."""
+        return tuple(name for name in (self.onnx, self.weights) if name)
+
+
+def _classifier_kind(value: Any) -> str | None:
+    # manifests written before the CNN have no ``kind``: their classifier is the forest
+    if isinstance(value, dict):
+        return value.get("kind", "forest")
+    return getattr(value, "kind", None)
+
+
+#: The manifest's ``classifier`` section: a forest or a CNN, told apart by ``kind`` (default ``forest``).
+ClassifierModel = Annotated[
+    Annotated[ForestClassifier, Tag("forest")] | Annotated[CnnClassifier, Tag("cnn")],
+    Discriminator(_classifier_kind),
+]
 
 
 class ArchiveRules(_Strict):
@@ -105,6 +171,15 @@ class Manifest(_Strict):
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"files.{name}: expected a 64-character lowercase sha256, got {digest!r}")
         return files
+
+    @model_validator(mode="after")
+    def _used_files_listed(self) -> "Manifest":
+        # every model file the pipeline opens is checked against its sha256 before use
+        used = {self.segmentation.onnx} | set(self.classifier.model_files if self.classifier else ())
+        missing = used - self.files.keys()
+        if missing:
+            raise ValueError(f"files {sorted(missing)} are used but have no sha256 in 'files'")
+        return self
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "Manifest":
@@ -170,10 +245,6 @@ def read_manifest(directory: Path, *, verify: bool = True) -> Manifest:
         raise ManifestError(f"{path}: no manifest.json in this profile directory") from None
     except (json.JSONDecodeError, ValidationError) as err:
         raise ManifestError(f"{path}: invalid manifest: {err}") from None
-    needed = {manifest.segmentation.onnx} | ({manifest.classifier.skops} if manifest.classifier else set())
-    missing = needed - manifest.files.keys()
-    if missing:
-        raise ManifestError(f"{path}: files {sorted(missing)} are used but have no sha256 in 'files'")
     if verify:
         _verify_files(directory, manifest)
     return manifest

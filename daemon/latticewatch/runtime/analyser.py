@@ -6,6 +6,7 @@ sampling and the frame's, and measures how long each stage took.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -21,13 +22,16 @@ from latticewatch.frame import MIN_SIDE_PX, Analysis, Frame, Region
 from latticewatch.models.architectures import receptive_field
 from latticewatch.models.backends import SegmentationBackend
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
+from latticewatch.models.manifest import ClassifierModel
 from latticewatch.runtime.plugins import resolve_profile
-from latticewatch.stages.classify import RegionClassifier
+from latticewatch.stages.classify import CnnRegionClassifier, FlatForest, ForestRegionClassifier, load_forest
 from latticewatch.stages.domain import out_of_domain
 from latticewatch.stages.features import region_features
 from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
 from latticewatch.stages.preprocess import Preprocessed, pad_to_multiple, preprocess
 from latticewatch.stages.segment import segment
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -62,6 +66,33 @@ def validate_pixels(frame: Frame) -> None:
         bad = int(np.count_nonzero(~np.isfinite(px)))
         if bad:
             raise FrameError(f"{frame.frame_id}: {bad} NaN/Inf pixels")
+
+
+def load_classifier(directory: Path, section: ClassifierModel | None, *, threads: int | None = None
+                    ) -> tuple[ForestRegionClassifier | CnnRegionClassifier | None, str | None]:
+    """The profile's region classifier and the file it was loaded from (both ``None`` without one).
+
+    A forest loads from its flattened arrays; a profile written before them has only the skops
+    file, which needs scikit-learn and takes seconds to load, so that is said once.
+
+    >>> clf, name = load_classifier(directory, manifest.classifier)  # doctest: +SKIP
+    >>> name  # doctest: +SKIP
+    'forest.safetensors'
+    """
+    if section is None:
+        return None, None
+    if section.kind == "cnn":
+        backend = OnnxRuntimeBackend(directory / section.onnx, threads=threads)
+        return CnnRegionClassifier(backend, section.classes, section.input,
+                                   uncertain_below=section.uncertain_below), section.onnx
+    if section.arrays:
+        flat, name = FlatForest.load(directory / section.arrays), section.arrays
+    else:
+        log.warning("%s: the forest has no flattened arrays ('classifier.arrays'); loading %s needs scikit-learn "
+                    "and is slow; write them with latticewatch.training.fit.classifier.write_forest_arrays",
+                    directory, section.skops)
+        flat, name = FlatForest.from_sklearn(load_forest(directory / section.skops)), section.skops
+    return ForestRegionClassifier(flat, section.classes, uncertain_below=section.uncertain_below), name
 
 
 @dataclass
@@ -105,8 +136,8 @@ class Analyser:
         self.directory, self.manifest = resolve_profile(str(profile))
         seg = self.manifest.segmentation
         self.backend = backend or OnnxRuntimeBackend(self.directory / seg.onnx, threads=threads)
-        clf = self.manifest.classifier
-        self.classifier = RegionClassifier(self.directory / clf.skops, clf.classes) if clf else None
+        self.classifier, self._classifier_file = load_classifier(self.directory, self.manifest.classifier,
+                                                                 threads=threads)
         self.max_pixels = max_pixels
 
     @property
@@ -115,8 +146,8 @@ class Analyser:
         m = self.manifest
         ids = {"profile": f"{m.name}@{m.version}",
                "segmentation": f"{m.segmentation.onnx}:{m.files[m.segmentation.onnx][:12]}"}
-        if m.classifier:
-            ids["classifier"] = f"{m.classifier.skops}:{m.files[m.classifier.skops][:12]}"
+        if self._classifier_file:
+            ids["classifier"] = f"{self._classifier_file}:{m.files[self._classifier_file][:12]}"
         ids["backend"] = self.backend.name
         return ids
 
@@ -140,7 +171,7 @@ class Analyser:
             # the forest's features are computed the way it was trained, whatever the network needs
             pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation,
                              model_pixel_size_nm=seg.pixel_size_nm,
-                             feature_normalisation=clf.normalisation if clf else None)
+                             feature_normalisation=clf.normalisation if clf and clf.kind == "forest" else None)
         return Prepared(frame, pre, timings, warnings)
 
     def segment_batch(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
@@ -180,12 +211,12 @@ class Analyser:
             clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
             labels, isolated = isolate(clean)
         with _timed(timings, "domain"):
-            doubts = out_of_domain(probability, labels, self.manifest.domain)
+            doubts = out_of_domain(probability, labels, self.manifest.domain, pre.image)
         with _timed(timings, "features"):
             features = [region_features(pre.feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
         with _timed(timings, "classify"):
-            verdicts = self.classifier(features) if self.classifier else [("unclassified", {})] * len(isolated)
+            verdicts = self._classify(pre, labels, isolated, features)
         with _timed(timings, "assemble"):
             regions = tuple(
                 self._region(index, r, f, label, probs, pre.scale, pre.pixel_size_nm, frame)
@@ -215,7 +246,17 @@ class Analyser:
             warnings=tuple(prepared.warnings),
             probability=full_probability,
             out_of_domain=doubts,
+            defect_confusion=getattr(self.manifest.classifier, "defect_confusion", None),
         )
+
+    def _classify(self, pre: Preprocessed, labels: np.ndarray, isolated: list[IsolatedRegion],
+                  features: list[dict[str, float]]) -> list[tuple[str, dict[str, float]]]:
+        # the CNN sees each region's crop of the model input, the forest its five features
+        if isinstance(self.classifier, CnnRegionClassifier):
+            return self.classifier(pre.image, labels, isolated)
+        if self.classifier is not None:
+            return self.classifier(features)
+        return [("unclassified", {})] * len(isolated)
 
     def _region(self, index, r: IsolatedRegion, features, label, probs, scale, model_px_nm, frame: Frame) -> Region:
         h, w = frame.pixels.shape

@@ -36,9 +36,10 @@ from pydantic import (
     TypeAdapter,
 )
 
-from latticewatch.frame import CLASSES, Analysis, Frame
+from latticewatch.frame import CLASSES, UNCERTAIN, Analysis, Frame
 from latticewatch.io.jsonio import json_default
 from latticewatch.sinks.reports import frame_report
+from latticewatch.stages.defect_fraction import DefectConfusion
 
 #: The version of the event schemas (``latticewatch/schemas/<type>.v1.json``) the events follow.
 SCHEMA_VERSION = 1
@@ -132,7 +133,13 @@ class FrameEvent(Event):
     content_ratio: UnitInterval = Field(description="1 − coverage: the fraction of pixels not in the foreground class "
                                                 "(clean graphene for the graphene profile)")
     class_counts: dict[str, NonNegativeInt]
-    defect_fraction: UnitInterval | None
+    defect_fraction: UnitInterval | None = Field(
+        description="stacking faults among the particles labelled stacking_fault or no_stacking_fault, corrected for "
+                    "the classifier's measured confusion (defect_confusion); null: none counted or out of domain")
+    # defaults: events logged before these fields existed still parse
+    defect_fraction_raw: UnitInterval | None = Field(None, description="the plain ratio of the counts, uncorrected")
+    defect_fraction_lower: UnitInterval | None = Field(None, description="lower bound of the 95 % interval")
+    defect_fraction_upper: UnitInterval | None = Field(None, description="upper bound of the 95 % interval")
     out_of_domain: list[str] = Field(
         default_factory=list,
         description=f"why the model's answer is not to be trusted (empty: in its domain); a {OUT_OF_DOMAIN} warning "
@@ -145,6 +152,9 @@ class FrameEvent(Event):
     meta: dict[str, Any]
     profile: str
     model_ids: dict[str, str]
+    defect_confusion: DefectConfusion | None = Field(
+        None, description="the classifier's held-out confusion that corrects the defect fraction (null: none); "
+                          "with class_counts, what a consumer needs to pool frames")
     timings_s: dict[str, NonNegativeFloat]
     warnings: list[str]
     runner: RunnerInfo
@@ -181,8 +191,8 @@ class ParticleEvent(Event):
     agglomerate_suspect: bool
     features: dict[str, float]
     # any class of the profile's classifier: a profile may name its own, so they are not enumerated
-    label: str = Field(description=f"the profile's class: {', '.join(CLASSES)} for the shipped profiles, or "
-                                   "unclassified (no classifier)")
+    label: str = Field(description=f"the profile's class: {', '.join(CLASSES)} for the shipped profiles, "
+                                   f"{UNCERTAIN} (no class probable enough), or unclassified (no classifier)")
     probabilities: dict[str, UnitInterval]
 
     @property

@@ -10,6 +10,11 @@ A frame outside the model's domain (its frame event lists ``out_of_domain`` reas
 in ``latticewatch_frames_out_of_domain_total``; its particles are left out of the particle counts,
 the size histograms and the defect fractions.
 
+The defect fractions are the estimates corrected for the classifier's measured confusion, with
+their 95 % interval as ``…_bounds{bound="lower|upper"}`` (`latticewatch.stages.defect_fraction`).
+The rolling one pools the particle counts of the last ``rolling_frames`` frames in the model's
+domain, then estimates once: a frame with one particle weighs one particle, not one frame.
+
 Names follow Prometheus conventions (base units, ``_total`` counters, histograms for latency);
 sizes of particles are in nanometres (``_nm``), the unit of the rest of latticewatch.
 """
@@ -27,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from latticewatch.sinks.events import ErrorEvent, Event, FrameEvent, ParticleEvent, WarningEvent
+from latticewatch.stages.defect_fraction import estimate_defect_fraction
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,9 @@ METRIC_NAMES = (
     "latticewatch_particles_total",
     "latticewatch_particle_diameter_nm",
     "latticewatch_defect_fraction",
+    "latticewatch_defect_fraction_bounds",
     "latticewatch_defect_fraction_rolling",
+    "latticewatch_defect_fraction_rolling_bounds",
     "latticewatch_frame_particles",
     "latticewatch_frame_coverage_ratio",
     "latticewatch_budget_overruns_total",
@@ -150,11 +158,16 @@ class Metrics:
                                   "Equivalent diameter of particles (nm), by class",
                                   ["class"], buckets=DIAMETER_BUCKETS_NM, registry=r)
         self.defect = Gauge("latticewatch_defect_fraction",
-                            "Stacking faults among zone-axis particles of the last frame (NaN: none on zone axis)",
-                            registry=r)
+                            "Stacking faults among zone-axis particles of the last frame, corrected for the "
+                            "classifier's confusion (NaN: none on zone axis)", registry=r)
+        self.defect_bounds = Gauge("latticewatch_defect_fraction_bounds",
+                                   "95 % interval of latticewatch_defect_fraction", ["bound"], registry=r)
         self.defect_rolling = Gauge("latticewatch_defect_fraction_rolling",
-                                    f"Stacking faults among zone-axis particles of the last {rolling_frames} frames",
-                                    registry=r)
+                                    f"Stacking faults among zone-axis particles of the last {rolling_frames} frames "
+                                    "(counts pooled), corrected for the classifier's confusion", registry=r)
+        self.defect_rolling_bounds = Gauge("latticewatch_defect_fraction_rolling_bounds",
+                                           "95 % interval of latticewatch_defect_fraction_rolling", ["bound"],
+                                           registry=r)
         self.frame_particles = Gauge("latticewatch_frame_particles", "Particles in the last frame", registry=r)
         self.coverage = Gauge("latticewatch_frame_coverage_ratio", "Fraction of the last frame segmented as particle",
                               registry=r)
@@ -163,8 +176,8 @@ class Metrics:
         self.quarantined = Counter("latticewatch_quarantined_frames", "Frames quarantined (could not be analysed)",
                                    registry=r)
         self.errors = Counter("latticewatch_errors", "Error and warning events by kind", ["kind"], registry=r)
-        self.defect.set(math.nan)
-        self.defect_rolling.set(math.nan)
+        self._show(self.defect, self.defect_bounds, None, None, None)
+        self._show(self.defect_rolling, self.defect_rolling_bounds, None, None, None)
         self._window: collections.deque[tuple[int, int]] = collections.deque(maxlen=rolling_frames)
         self._lock = threading.Lock()
         if probe is not None:
@@ -199,18 +212,25 @@ class Metrics:
             self.overruns.inc()
         self.frame_particles.set(e.particles)
         self.coverage.set(e.coverage)
-        if e.out_of_domain:
+        if e.out_of_domain:  # not trusted: no fraction, and its counts stay out of the rolling one
             self.out_of_domain.inc()
-            self.defect.set(math.nan)
+            self._show(self.defect, self.defect_bounds, None, None, None)
             return
-        self.defect.set(math.nan if e.defect_fraction is None else e.defect_fraction)
+        self._show(self.defect, self.defect_bounds, e.defect_fraction, e.defect_fraction_lower,
+                   e.defect_fraction_upper)
         counts = e.class_counts
-        faults, clean = counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0)
         with self._lock:
-            self._window.append((faults, faults + clean))
-            oriented = sum(n for _, n in self._window)
-            rolling = sum(f for f, _ in self._window) / oriented if oriented else math.nan
-        self.defect_rolling.set(rolling)
+            self._window.append((counts.get("stacking_fault", 0), counts.get("no_stacking_fault", 0)))
+            rolling = estimate_defect_fraction(sum(f for f, _ in self._window), sum(c for _, c in self._window),
+                                               e.defect_confusion)
+            self._show(self.defect_rolling, self.defect_rolling_bounds, rolling.estimate, rolling.lower,
+                       rolling.upper)
+
+    @staticmethod
+    def _show(gauge: Gauge, bounds: Gauge, value: float | None, lower: float | None, upper: float | None) -> None:
+        """Set a fraction and its interval; ``None`` (nothing counted) shows as NaN."""
+        for target, v in ((gauge, value), (bounds.labels("lower"), lower), (bounds.labels("upper"), upper)):
+            target.set(math.nan if v is None else v)
 
 
 def _source(event: FrameEvent | ErrorEvent) -> str:

@@ -43,7 +43,10 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
     ``coverage`` is the fraction of pixels in the profile's foreground class (particles,
     contamination); ``content_ratio`` the rest (1 − coverage), e.g. the clean-graphene fraction.
     ``out_of_domain`` lists why the model's answer is not to be trusted (empty when it is).
+    ``defect_fraction`` is the estimate corrected for the classifier's confusion, ``defect_fraction_raw``
+    the plain ratio of the counts, ``…_lower`` and ``…_upper`` its 95 % interval (`Analysis.defect`).
     """
+    defect = analysis.defect
     return {
         "frame_id": frame.frame_id,
         "name": frame.name,
@@ -53,11 +56,19 @@ def summary(frame: Frame, analysis: Analysis) -> dict[str, Any]:
         "coverage": round(analysis.coverage, 5),
         "content_ratio": round(analysis.content_ratio, 5),  # 1 − coverage: clean graphene for the graphene profile
         "class_counts": analysis.class_counts(),
-        "defect_fraction": analysis.defect_fraction,
+        "defect_fraction": _rounded(defect.estimate),
+        "defect_fraction_raw": defect.raw,
+        "defect_fraction_lower": _rounded(defect.lower),
+        "defect_fraction_upper": _rounded(defect.upper),
         "out_of_domain": list(analysis.out_of_domain),
         "mean_confidence": round(analysis.mean_confidence, 5),
         "seconds": round(sum(analysis.timings_s.values()), 5),
     }
+
+
+def _rounded(fraction: float | None) -> float | None:
+    # Monte-Carlo bounds move in the third decimal between seeds: more digits would claim precision they lack
+    return None if fraction is None else round(fraction, 4)
 
 
 def frame_report(frame: Frame, analysis: Analysis) -> dict[str, Any]:
@@ -79,6 +90,7 @@ def frame_report(frame: Frame, analysis: Analysis) -> dict[str, Any]:
         "meta": frame.meta,
         "profile": analysis.profile,
         "model_ids": analysis.model_ids,
+        "defect_confusion": analysis.defect_confusion.model_dump() if analysis.defect_confusion else None,
         "timings_s": {k: round(v, 6) for k, v in analysis.timings_s.items()},
         "warnings": list(analysis.warnings),
         "regions": [r.to_dict() for r in analysis.regions],

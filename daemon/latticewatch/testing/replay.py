@@ -2,6 +2,8 @@
 
 ``latticewatch replay SRC --to-folder DIR --rate HZ [--serialem-stack NAME]`` or
 ``--to-zmq tcp://127.0.0.1:PORT``; SRC is a folder of micrographs or ``synthetic:N``.
+``latticewatch demo`` replays labelled frames (`demo_frames`): by default the abTEM frames shipped
+in `SHIPPED_FRAMES`, each with its true mask and classes.
 
 SerialEM's way (`SerialEMStack`), per section:
 
@@ -28,16 +30,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from latticewatch.errors import ConfigError
+from latticewatch.errors import ConfigError, InputError
 from latticewatch.frame import Frame
 from latticewatch.io.mdoc import format_section
 from latticewatch.io.readers import SUPPORTED_SUFFIXES, read_frames
 from latticewatch.sources.base import StopFlag
+from latticewatch.testing.demo_score import Truth
 
 if TYPE_CHECKING:  # the generator is imported when synthetic frames are asked for
     from latticewatch.testing.synthetic.truth import SyntheticImage
 
 log = logging.getLogger(__name__)
+
+#: The demo's default frames: labelled abTEM frames in the layout of ``latticewatch simulate`` (README.md there).
+SHIPPED_FRAMES = Path(__file__).with_name("demo_frames")
 
 # MRC2014 header offsets (bytes) of the fields SerialEM updates when it appends a section
 _NZ, _MZ, _ZLEN = 8, 36, 48
@@ -62,6 +68,78 @@ def synthetic_frames(count: int, *, shape: tuple[int, int] = (512, 512), pixel_s
         yield Frame(f"synthetic:{i}", truth.image, pixel_size_nm, origin=f"synthetic:{count}"), truth
 
 
+def _micrographs(folder: Path) -> list[Path]:
+    """The micrograph files directly in ``folder``, sorted by name."""
+    files = (p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
+    return sorted(files)
+
+
+def labelled_frames(folder: Path) -> tuple[int, Iterator[tuple[Frame, Truth]]]:
+    """The frames of a folder in the layout ``latticewatch simulate`` writes, each with its truth, and their number.
+
+    ``folder/images/<name>.*`` (one frame per file, with its pixel size), ``folder/labels/<name>.png`` (the
+    particle mask, non-zero = particle) and ``folder/particles/<name>.json`` (``particles``: one object with a
+    ``class`` per particle). Files are read as the iterator goes.
+
+    Raises
+    ------
+    InputError
+        When an image lacks its mask or particle file (before any frame is read), or a file holds more than one
+        frame.
+
+    Examples
+    --------
+    >>> count, frames = labelled_frames(SHIPPED_FRAMES)
+    >>> frame, truth = next(frames)
+    >>> count, frame.pixels.shape == truth.mask.shape, truth.labels
+    (12, True, ('misoriented', 'misoriented'))
+    """
+    images = _micrographs(folder / "images") if (folder / "images").is_dir() else []
+    if not images:
+        raise InputError(f"{folder}: no micrographs in {folder / 'images'}; --frames DIR takes a folder written by "
+                         "latticewatch simulate (images/, labels/, particles/)")
+    missing = [str(p) for image in images for p in (folder / "labels" / f"{image.stem}.png",
+                                                    folder / "particles" / f"{image.stem}.json") if not p.is_file()]
+    if missing:
+        raise InputError(f"{folder}: the truth of {len(missing)} file(s) is missing, e.g. {missing[0]}")
+    return len(images), (_labelled(folder, image) for image in images)
+
+
+def _labelled(folder: Path, image: Path) -> tuple[Frame, Truth]:
+    import json
+
+    from PIL import Image
+
+    frames = list(read_frames(image))
+    if len(frames) != 1:
+        raise InputError(f"{image}: {len(frames)} frames; a labelled image holds one")
+    mask = np.asarray(Image.open(folder / "labels" / f"{image.stem}.png"))
+    particles = json.loads((folder / "particles" / f"{image.stem}.json").read_text())["particles"]
+    return frames[0], Truth(mask, tuple(p["class"] for p in particles))
+
+
+def demo_frames(spec: str, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05,
+                seed: int = 0) -> tuple[int, Iterator[tuple[Frame, Truth]]]:
+    """The frames ``latticewatch demo --frames SPEC`` replays, each with its truth, and their number.
+
+    ``shipped``: the labelled abTEM frames in `SHIPPED_FRAMES`; ``synthetic:N``: N frames of the analytic
+    generator (``shape``, ``pixel_size_nm``, ``seed``); anything else: a folder (`labelled_frames`).
+
+    Examples
+    --------
+    >>> count, frames = demo_frames("synthetic:2", shape=(64, 64))
+    >>> count, [truth.mask.shape for _, truth in frames]
+    (2, [(64, 64), (64, 64)])
+    """
+    if spec == "shipped":
+        return labelled_frames(SHIPPED_FRAMES)
+    kind, _, count = spec.partition(":")
+    if kind == "synthetic":
+        pairs = synthetic_frames(int(count), shape=shape, pixel_size_nm=pixel_size_nm, seed=seed)
+        return int(count), ((f, Truth(t.mask, tuple(p.label for p in t.particles))) for f, t in pairs)
+    return labelled_frames(Path(spec))
+
+
 def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_nm: float = 0.05,
                   seed: int = 0) -> Iterator[Frame]:
     """Frames to replay: ``synthetic:N`` (the analytic generator) or every frame of a folder's files.
@@ -78,8 +156,7 @@ def source_frames(src: str, *, shape: tuple[int, int] = (512, 512), pixel_size_n
     folder = Path(src)
     if not folder.is_dir():
         raise ConfigError(f"{src}: not a folder and not synthetic:N")
-    files = (p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith("."))
-    for path in sorted(files):
+    for path in _micrographs(folder):
         yield from read_frames(path)
 
 
@@ -293,7 +370,9 @@ def replay(
                     time.sleep(delay)
             if stack is not None:
                 stack.pixel_size_nm = stack.pixel_size_nm or frame.pixel_size_nm
-                stack.append(frame.pixels)
+                # frames of different samplings share the stack: each section's mdoc entry holds its own, as SerialEM's
+                spacing = {"PixelSpacing": f"{frame.pixel_size_nm * 10:g}"} if frame.pixel_size_nm else None
+                stack.append(frame.pixels, spacing)
             elif publisher is not None:
                 if not publisher.send(frame, stop):
                     break

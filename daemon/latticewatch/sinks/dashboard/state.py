@@ -11,6 +11,10 @@ configurable rule on particle count and coverage.
 A frame outside the model's domain (``Analysis.out_of_domain``) is counted and marked, and its
 particles are left out of every statistic (class totals, sizes, defect fractions): its verdict is
 ``unknown``, since the model's particles there cannot be trusted either way.
+
+Every defect fraction shown is the estimate corrected for the classifier's confusion with its 95 %
+interval (`latticewatch.stages.defect_fraction`); the rolling one pools the particle counts of the
+last ``rolling`` frames and is computed once per frame, as it arrives.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from latticewatch.frame import CLASSES, Analysis, Frame
 from latticewatch.sinks.events import ErrorEvent, Event, FrameEvent, WarningEvent
+from latticewatch.stages.defect_fraction import DefectConfusion, DefectEstimate, estimate_defect_fraction
 
 #: The classes of the defect fraction: stacking fault among particles on zone axis.
 FAULT, NO_FAULT = "stacking_fault", "no_stacking_fault"
@@ -68,12 +73,14 @@ def verdict_for(frame: Frame, analysis: Analysis, rule: VerdictRule) -> dict[str
     {'frame_id': 'scope:grid1.mrc#3', 'particle_count': 12, 'coverage': 0.081, 'defect_fraction': 0.25,
      'verdict': 'keep', 'rule': 'skip when particle_count < 1 or coverage < 0', ...}
     """
-    count, coverage = len(analysis.regions), analysis.coverage
+    count, coverage, defect = len(analysis.regions), analysis.coverage, analysis.defect
     return {
         "frame_id": frame.frame_id,
         "particle_count": count,
         "coverage": round(coverage, 6),
-        "defect_fraction": analysis.defect_fraction,
+        "defect_fraction": defect.estimate,
+        "defect_fraction_lower": defect.lower,
+        "defect_fraction_upper": defect.upper,
         "verdict": "unknown" if analysis.out_of_domain else rule.decide(particle_count=count, coverage=coverage),
         "rule": str(rule),
         "out_of_domain": list(analysis.out_of_domain),
@@ -89,8 +96,18 @@ def _nice_width(span: float, bins: int) -> float:
     return next(m * exp for m in (1, 2, 2.5, 5, 10) if m * exp >= raw)
 
 
-def size_histograms(diameters: np.ndarray, labels: np.ndarray, *, bins: int = 16) -> dict[str, Any]:
-    """Counts per class per diameter bin, and the defect fraction per bin.
+def _rounded(fraction: float | None) -> float | None:
+    return None if fraction is None else round(fraction, 4)
+
+
+def _interval(estimate: DefectEstimate) -> dict[str, float | None]:
+    return {"lower": _rounded(estimate.lower), "upper": _rounded(estimate.upper)}
+
+
+def size_histograms(diameters: np.ndarray, labels: np.ndarray, *, bins: int = 16,
+                    confusion: DefectConfusion | None = None) -> dict[str, Any]:
+    """Counts per class per diameter bin, and the defect fraction per bin (corrected by ``confusion``) with its
+    95 % interval (``defect_interval``).
 
     Bins start at 0 with a 1-2-5 width chosen to cover the 99th percentile (larger values fall in
     the last bin), so outliers do not squash the plot.
@@ -101,11 +118,11 @@ def size_histograms(diameters: np.ndarray, labels: np.ndarray, *, bins: int = 16
     ...                     "stacking_fault", "empty"]), bins=4)
     >>> h["edges"], h["counts"]["stacking_fault"], h["defect_fraction"]
     ([0, 2, 4, 6, 8], [1, 1, 0, 0], [1.0, 0.5, None, None])
-    >>> h["oriented"]
-    [1, 2, 0, 0]
+    >>> h["oriented"], h["defect_interval"][1]
+    ([1, 2, 0, 0], {'lower': 0.0608, 'upper': 0.9392})
     """
     if diameters.size == 0:
-        return {"edges": [], "counts": {}, "defect_fraction": [], "oriented": []}
+        return {"edges": [], "counts": {}, "defect_fraction": [], "defect_interval": [], "oriented": []}
     top = float(np.percentile(diameters, 99)) if diameters.size > 20 else float(diameters.max())
     width = _nice_width(max(top, 1e-6), bins)
     n = max(1, int(math.ceil(top / width + 1e-9)))
@@ -116,10 +133,11 @@ def size_histograms(diameters: np.ndarray, labels: np.ndarray, *, bins: int = 16
     for name in sorted(set(labels.tolist()), key=lambda c: (CLASSES + (c,)).index(c)):
         counts[name] = np.bincount(index[labels == name], minlength=n).tolist()
     fault = np.bincount(index[labels == FAULT], minlength=n)
-    oriented = fault + np.bincount(index[labels == NO_FAULT], minlength=n)
-    fraction = [round(float(f / o), 4) if o else None for f, o in zip(fault, oriented)]
-    return {"edges": [round(i * width, 6) for i in range(n + 1)], "counts": counts, "defect_fraction": fraction,
-            "oriented": oriented.tolist()}
+    clean = np.bincount(index[labels == NO_FAULT], minlength=n)
+    estimates = [estimate_defect_fraction(int(f), int(c), confusion) for f, c in zip(fault, clean)]
+    return {"edges": [round(i * width, 6) for i in range(n + 1)], "counts": counts,
+            "defect_fraction": [_rounded(e.estimate) for e in estimates],
+            "defect_interval": [_interval(e) for e in estimates], "oriented": (fault + clean).tolist()}
 
 
 class DashboardState:
@@ -160,6 +178,8 @@ class DashboardState:
         self.budget_ms = budget_ms
         self.rule = rule
         self.rolling = rolling
+        self._window: deque[tuple[int, int]] = deque(maxlen=rolling)  # (faults, no faults) of the last frames
+        self.defect_confusion: DefectConfusion | None = None  # the latest frame's: corrects the size-bin fractions
         self.size_unit = "nm"
         self.verdict: dict[str, Any] | None = None
         self.thumbnail: dict[str, Any] = {"version": 0, "frame_id": None, "out_of_domain": []}
@@ -175,6 +195,7 @@ class DashboardState:
         trusted = () if doubtful else analysis.regions
         counts = dict.fromkeys(CLASSES, 0) if doubtful else analysis.class_counts()
         verdict = verdict_for(frame, analysis, self.rule)
+        defect = analysis.defect
         now = time.time()
         sizes = []
         px_only = analysis.pixel_size_nm is None
@@ -188,12 +209,16 @@ class DashboardState:
                 self.size_unit = "px"
             elif not px_only:
                 self.size_unit = "nm"
+            # pooled over the last `rolling` frames (a frame outside the domain adds nothing), estimated once here
+            self._window.append((counts.get(FAULT, 0), counts.get(NO_FAULT, 0)))
+            rolling = estimate_defect_fraction(sum(f for f, _ in self._window), sum(c for _, c in self._window),
+                                               analysis.defect_confusion)
+            self.defect_confusion = analysis.defect_confusion
             self.frames.append({"t": now, "frame_id": frame.frame_id, "particles": len(analysis.regions),
                                 "coverage": round(analysis.coverage, 5),
-                                "defect_fraction": None if doubtful else analysis.defect_fraction,
-                                "fault": counts.get(FAULT, 0),
-                                "oriented": counts.get(FAULT, 0) + counts.get(NO_FAULT, 0),
-                                "out_of_domain": list(analysis.out_of_domain),
+                                "defect_fraction": _rounded(defect.estimate), "defect": _interval(defect),
+                                "rolling": _rounded(rolling.estimate), "rolling_interval": _interval(rolling),
+                                "out_of_domain": bool(analysis.out_of_domain),
                                 "seconds": round(sum(analysis.timings_s.values()), 5)})
             self.particles.extend(sizes)
             self.arrivals.append(time.monotonic())
@@ -244,28 +269,18 @@ class DashboardState:
             frames = list(self.frames)
             particles = list(self.particles)
             latencies = list(self.latencies)
+            confusion = self.defect_confusion
             snap = {
                 "version": self.version, "now": time.time(), "started": self.started, "totals": dict(self.totals),
                 "class_totals": dict(self.class_totals), "errors": list(self.errors)[::-1], "verdict": self.verdict,
                 "thumbnail": dict(self.thumbnail), "budget_ms": self.budget_ms, "size_unit": self.size_unit,
                 "throughput_fps": self._throughput(), "rule": str(self.rule),
             }
-        # rolling defect fraction: pooled over the last `rolling` frames, as a rate of oriented particles
-        series, fault, oriented, window = [], 0, 0, deque()
-        for f in frames:
-            window.append(f)
-            fault, oriented = fault + f["fault"], oriented + f["oriented"]
-            if len(window) > self.rolling:
-                old = window.popleft()
-                fault, oriented = fault - old["fault"], oriented - old["oriented"]
-            series.append({"t": f["t"], "frame_id": f["frame_id"], "defect_fraction": f["defect_fraction"],
-                           "rolling": round(fault / oriented, 4) if oriented else None, "particles": f["particles"],
-                           "coverage": f["coverage"], "out_of_domain": bool(f["out_of_domain"])})
-        snap["series"] = series
+        snap["series"] = frames  # each frame's dict is complete when appended and never changed
         if particles:
             d = np.fromiter((p[0] for p in particles), float, len(particles))
             labels = np.array([p[1] for p in particles])
-            snap["sizes"] = size_histograms(d, labels)
+            snap["sizes"] = size_histograms(d, labels, confusion=confusion)
         else:
             snap["sizes"] = size_histograms(np.empty(0), np.empty(0, dtype=str))
         lat = [x["latency_s"] for x in latencies if x["latency_s"] is not None]

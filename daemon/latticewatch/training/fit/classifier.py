@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +106,8 @@ def read_crop_index(path: Path) -> list[CropRow]:
 def feature_normalisation(manifest: Manifest) -> Normalisation:
     """How a profile's forest sees intensities: as its manifest says, else ``max`` (Groschner et al.), whatever
     normalisation the segmentation network uses."""
-    return manifest.classifier.normalisation if manifest.classifier else "max"
+    clf = manifest.classifier
+    return clf.normalisation if clf and clf.kind == "forest" else "max"
 
 
 def crop_features(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None,
@@ -245,9 +245,11 @@ def train_classifier(
     """Train the forest on the training images' crops, test it on the others, write it into ``out``.
 
     ``out`` must be a profile directory (its segmentation stays as it is). The forest is saved
-    with skops (deflate-compressed), the manifest's ``classifier`` section, ``files`` sha256
-    and ``training["classifier"]`` (balanced accuracy, confusion matrix on the held-out images,
-    this command, the features' source) are updated; both files are replaced atomically.
+    with skops (deflate-compressed, the training artefact) and as flattened arrays (safetensors,
+    what inference loads); the manifest's ``classifier`` section (``kind = "forest"``, the
+    held-out stacking-fault confusion), ``files`` sha256 and ``training["classifier"]`` (balanced
+    accuracy, confusion matrix on the held-out images, this command, the features' source) are
+    updated; every file is replaced atomically.
 
     Examples
     --------
@@ -255,11 +257,7 @@ def train_classifier(
     >>> train_classifier(Path("profiles/np"), fs).metrics["balanced_accuracy"]  # doctest: +SKIP
     0.62
     """
-    import skops.io as sio
-
-    from latticewatch.io.atomic import atomic_path
-    from latticewatch.stages.classify import load_forest
-    from latticewatch.training.fit.forest import forest_metrics, train_forest
+    from latticewatch.training.fit.forest import FOREST_ARRAYS, FOREST_SKOPS, forest_files, forest_metrics, train_forest
 
     out = Path(out)
     manifest = read_manifest(out)  # refuses a directory that is not a verified profile
@@ -271,23 +269,73 @@ def train_classifier(
     metrics = forest_metrics(forest, features.X[test], features.y[test])
     metrics.update(_split_summary(features, train, test, test_fraction, seed))
     forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
-    name = manifest.classifier.skops if manifest.classifier else "forest.skops"
+    old = manifest.classifier if manifest.classifier and manifest.classifier.kind == "forest" else None
+    skops, arrays = (old.skops or FOREST_SKOPS, old.arrays or FOREST_ARRAYS) if old else (FOREST_SKOPS, FOREST_ARRAYS)
 
     def change(m: dict[str, Any]) -> None:
-        m["files"][name] = digest
-        m["classifier"] = {"skops": name, "classes": list(CLASSES), "features": list(FEATURE_NAMES),
-                           "normalisation": feature_normalisation(manifest)}
+        m["files"].update(digests)
+        m["classifier"] = {"kind": "forest", "arrays": arrays, "skops": skops, "classes": list(CLASSES),
+                           "features": list(FEATURE_NAMES), "normalisation": feature_normalisation(manifest),
+                           "defect_confusion": defect_confusion(metrics["confusion_matrix"], features.source)}
         m["training"]["classifier"] = {"command": command, "data": features.source, "metrics": metrics}
 
-    with atomic_path(out / name) as tmp:
-        # 500 full-depth trees are tens of MB raw; deflate brings them to a few MB
-        sio.dump(forest, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
-        load_forest(tmp)  # what we ship must load with the types the pipeline trusts
-        digest = sha256_of(tmp)
+    with forest_files(out, forest, skops=skops, arrays=arrays) as digests:
         # an update that would be invalid raises here, before the forest replaces the old one
         updated = update_manifest(out, change, dry_run=True)
     write_manifest(out, updated)
     return ClassifierResult(updated, metrics, tuple(features.skipped))
+
+
+def defect_confusion(confusion_matrix: list[list[int]], data: str) -> dict[str, Any] | None:
+    """The manifest's ``classifier.defect_confusion`` from a held-out confusion matrix over `CLASSES`
+    (rows: true class): the stacking-fault / no-fault block; ``None`` when the held-out set has no
+    particle of one of the two labelled either way (it would measure nothing).
+
+    >>> m = [[9, 1, 0, 0, 0], [2, 8, 1, 0, 0]] + [[0] * 5] * 3
+    >>> defect_confusion(m, "held-out crops")
+    {'true_stacking_fault': [9, 1], 'true_no_stacking_fault': [2, 8], 'data': 'held-out crops'}
+    """
+    sf, nosf = CLASSES.index("stacking_fault"), CLASSES.index("no_stacking_fault")
+    rows = [[int(confusion_matrix[true][sf]), int(confusion_matrix[true][nosf])] for true in (sf, nosf)]
+    if not all(sum(row) for row in rows):
+        log.warning("the held-out images hold too few stacking-fault / no-fault particles to measure the "
+                    "classifier's confusion; the defect fraction will not be corrected for it")
+        return None
+    return {"true_stacking_fault": rows[0], "true_no_stacking_fault": rows[1], "data": data}
+
+
+def write_forest_arrays(directory: Path) -> Manifest:
+    """Add the flattened arrays to a profile whose forest exists only as skops (profiles before the arrays).
+
+    The arrays are checked to give scikit-learn's probabilities bit for bit; the manifest gains
+    ``classifier.arrays`` and its sha256, nothing else changes.
+
+    Examples
+    --------
+    >>> write_forest_arrays(Path("profiles/np")).classifier.arrays  # doctest: +SKIP
+    'forest.safetensors'
+    """
+    from latticewatch.io.atomic import atomic_path
+    from latticewatch.stages.classify import FlatForest, load_forest
+    from latticewatch.training.fit.forest import FOREST_ARRAYS, check_flattened
+
+    directory = Path(directory)
+    clf = read_manifest(directory).classifier
+    if clf is None or clf.kind != "forest" or clf.skops is None:
+        raise ConfigError(f"{directory}: the profile has no skops forest to flatten")
+    arrays = clf.arrays or FOREST_ARRAYS
+    forest = load_forest(directory / clf.skops)
+
+    def change(m: dict[str, Any]) -> None:
+        m["files"][arrays] = digest
+        m["classifier"].update(kind="forest", arrays=arrays)
+
+    with atomic_path(directory / arrays) as tmp:
+        FlatForest.from_sklearn(forest).save(tmp)
+        check_flattened(forest, FlatForest.load(tmp))
+        digest = sha256_of(tmp)
+        updated = update_manifest(directory, change, dry_run=True)
+    return write_manifest(directory, updated)
 
 
 def _split_summary(features: FeatureSet, train: np.ndarray, test: np.ndarray, test_fraction: float,
@@ -305,5 +353,5 @@ def _split_summary(features: FeatureSet, train: np.ndarray, test: np.ndarray, te
     }
 
 
-__all__ = ["CropRow", "FeatureSet", "crop_features", "features_from_index", "read_crop_index", "split_by_image",
-           "synthetic_features", "train_classifier"]
+__all__ = ["CropRow", "FeatureSet", "crop_features", "defect_confusion", "features_from_index", "read_crop_index",
+           "split_by_image", "synthetic_features", "train_classifier", "write_forest_arrays"]

@@ -1,13 +1,23 @@
-"""Random-forest training on region features (Groschner et al. 2021: 500 trees, Gini)."""
+"""Random-forest training on region features (Groschner et al. 2021: 500 trees, Gini), and the forest's
+two files: the skops training artefact and the flattened arrays inference loads."""
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
+import skops.io as sio
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm import tqdm
 
 from latticewatch.frame import CLASSES
+from latticewatch.io.atomic import atomic_path
+from latticewatch.models.manifest import sha256_of
+from latticewatch.stages.classify import FlatForest, load_forest
 from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
 from latticewatch.stages.preprocess import Normalisation, preprocess
 from latticewatch.testing.synthetic.frames import generate_region
@@ -58,3 +68,39 @@ def forest_metrics(forest: RandomForestClassifier, X: np.ndarray, y: np.ndarray)
         "classes": list(CLASSES),
         "n_test": int(len(y)),
     }
+
+
+#: File names of a profile's forest: the scikit-learn artefact and the flattened arrays.
+FOREST_SKOPS, FOREST_ARRAYS = "forest.skops", "forest.safetensors"
+
+
+def check_flattened(forest: RandomForestClassifier, flat: FlatForest, *, seed: int = 0) -> None:
+    """Raise ``ValueError`` unless ``flat`` gives ``forest``'s probabilities bit for bit on random features."""
+    probe = np.random.default_rng(seed).normal(size=(256, forest.n_features_in_)) * 10
+    if not np.array_equal(flat.predict_proba(probe), forest.predict_proba(probe)):
+        raise ValueError("the flattened forest's probabilities differ from scikit-learn's")
+
+
+@contextmanager
+def forest_files(directory: Path, forest: RandomForestClassifier, *, skops: str = FOREST_SKOPS,
+                 arrays: str = FOREST_ARRAYS) -> Iterator[dict[str, str]]:
+    """Write ``forest`` as ``skops`` and ``arrays`` in ``directory``; yields their sha256 by name.
+
+    Both files are temporary inside the block and replace the old ones only when it ends without
+    an error, so a caller can validate the manifest that will list them first. Each is read back
+    as the pipeline reads it, and the arrays must give scikit-learn's probabilities exactly.
+
+    Examples
+    --------
+    >>> with forest_files(Path("profiles/np"), train_forest(X, y)) as digests:  # doctest: +SKIP
+    ...     sorted(digests)
+    ['forest.safetensors', 'forest.skops']
+    """
+    directory = Path(directory)
+    with atomic_path(directory / skops) as skops_tmp, atomic_path(directory / arrays) as arrays_tmp:
+        # 500 full-depth trees are tens of MB raw; deflate brings them to a few MB
+        sio.dump(forest, skops_tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+        load_forest(skops_tmp)  # what we ship must load with the types we trust
+        FlatForest.from_sklearn(forest).save(arrays_tmp)
+        check_flattened(forest, FlatForest.load(arrays_tmp))
+        yield {skops: sha256_of(skops_tmp), arrays: sha256_of(arrays_tmp)}

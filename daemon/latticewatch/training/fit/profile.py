@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io as sio
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,7 +38,14 @@ from latticewatch.training.data.supervised import (
     validation_split,
 )
 from latticewatch.training.fit.fold import content_ratio_spearman
-from latticewatch.training.fit.forest import forest_metrics, synthetic_region_features, train_forest
+from latticewatch.training.fit.forest import (
+    FOREST_ARRAYS,
+    FOREST_SKOPS,
+    forest_files,
+    forest_metrics,
+    synthetic_region_features,
+    train_forest,
+)
 from latticewatch.training.fit.unet import (
     TrainingResult,
     UNetTrainingConfig,
@@ -174,17 +179,17 @@ def build_synthetic_profile(
                                                pixel_size_nm=pixel_size_nm, progress=progress)
     forest = train_forest(X, y, seed=config.seed)
     forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
-    with atomic_path(out_dir / "forest.skops") as tmp:
-        # 500 full-depth trees are ~33 MB raw; deflate brings them to ~5 MB
-        sio.dump(forest, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+    with forest_files(out_dir, forest):
+        pass  # both files are in place once the block ends
 
     return _write_profile(
-        out_dir, [*files, "forest.skops"],
+        out_dir, [*files, FOREST_SKOPS, FOREST_ARRAYS],
         name=name,
         description="Nanoparticle particle/background U-Net (Groschner et al. 2021 architecture) and 5-class "
         "stacking-fault forest, trained on latticewatch's analytic HRTEM generator.",
         segmentation=segmentation_entry(config, files, pixel_size_nm=pixel_size_nm, normalisation="max"),
-        classifier={"skops": "forest.skops", "classes": CLASSES, "features": FEATURE_NAMES},
+        classifier={"kind": "forest", "arrays": FOREST_ARRAYS, "skops": FOREST_SKOPS, "classes": CLASSES,
+                    "features": FEATURE_NAMES},
         training={
             "segmentation": {"command": command,
                              "data": f"analytic generator, {n_frames} train + {n_val} validation 512² frames at "

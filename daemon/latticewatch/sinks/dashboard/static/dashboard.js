@@ -41,6 +41,7 @@
     const b = box(svg); clear(svg); axes(svg, b, 1, pct);
     const n = series.length, x = (i) => b.l + (n > 1 ? i / (n - 1) : 0.5) * (b.w - b.l - b.r);
     const y = (v) => b.h - b.b - v * (b.h - b.t - b.b);
+    svg.setAttribute("data-band-points", String(drawBand(svg, series, x, y)));
     series.forEach((s, i) => {
       if (s.defect_fraction !== null) svg.appendChild(el("circle", { cx: x(i), cy: y(s.defect_fraction), r: 2.2, fill: COLOURS.stacking_fault, opacity: 0.55 }));
     });
@@ -64,6 +65,22 @@
     if (!pts.length) svg.appendChild(el("text", { x: b.w / 2, y: b.h / 2, "text-anchor": "middle", class: "empty" }, "no oriented particles yet"));
     svg.setAttribute("data-points", String(n));
     svg.setAttribute("data-defect-points", String(pts.length));
+  }
+
+  // the rolling estimate's 95 % interval, shaded: one polygon per run of frames that have one
+  function drawBand(svg, series, x, y) {
+    let run = [], drawn = 0;
+    const flush = () => {
+      if (!run.length) return;
+      const edge = (i, v) => x(i).toFixed(1) + "," + y(v).toFixed(1);
+      const upper = run.map((i) => edge(i, series[i].rolling_interval.upper));
+      const lower = run.slice().reverse().map((i) => edge(i, series[i].rolling_interval.lower));
+      svg.appendChild(el("polygon", { points: upper.concat(lower).join(" "), class: "band" }));
+      drawn += run.length; run = [];
+    };
+    series.forEach((s, i) => { if (s.rolling_interval && s.rolling_interval.lower !== null) run.push(i); else flush(); });
+    flush();
+    return drawn;
   }
 
   function drawClasses(totals) {
@@ -114,7 +131,7 @@
 
   function drawSizeDefect(sizes) {
     const svg = $("chart-sizedefect");
-    const fr = sizes.defect_fraction || [];
+    const fr = sizes.defect_fraction || [], ci = sizes.defect_interval || [];
     if (!sizes.edges.length || !fr.some((v) => v !== null)) return empty(svg, sizes.edges.length ? "no oriented particles yet" : undefined);
     const n = sizes.edges.length - 1, b = box(svg); clear(svg); axes(svg, b, 1, pct);
     const bw = (b.w - b.l - b.r) / n, h = b.h - b.t - b.b;
@@ -122,7 +139,10 @@
     fr.forEach((v, i) => {
       if (v === null) return;
       svg.appendChild(el("rect", { x: b.l + i * bw + 1, y: b.h - b.b - v * h, width: Math.max(bw - 2, 1), height: Math.max(v * h, 1), fill: COLOURS.stacking_fault, opacity: 0.85 }));
-      svg.appendChild(el("text", { x: b.l + (i + 0.5) * bw, y: b.h - b.b - v * h - 3, "text-anchor": "middle" }, "n=" + sizes.oriented[i]));
+      const cx = b.l + (i + 0.5) * bw;
+      if (ci[i] && ci[i].lower !== null)  // the bin's 95 % interval as a whisker
+        svg.appendChild(el("line", { x1: cx, x2: cx, y1: b.h - b.b - ci[i].lower * h, y2: b.h - b.b - ci[i].upper * h, class: "whisker" }));
+      svg.appendChild(el("text", { x: cx, y: b.h - b.b - v * h - 3, "text-anchor": "middle" }, "n=" + sizes.oriented[i]));
       bars++;
     });
     xLabels(svg, b, sizes.edges);
