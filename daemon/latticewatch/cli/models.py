@@ -1,4 +1,5 @@
-"""``latticewatch models list | import-keras``: the installed profiles, and published weights turned into one."""
+"""``latticewatch models list | import-keras | flatten-forest``: the installed profiles, published weights turned
+into one, and an older profile's skops forest flattened for fast loading."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from latticewatch.cli.common import EXIT_OK, command_line, needs_extra
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``models`` and its actions to the top-level command parser."""
-    p = sub.add_parser("models", help="list installed profiles, import Keras weights",
-                       description="Model profiles (plugins): list the installed ones, or import published weights.")
+    p = sub.add_parser("models", help="list installed profiles, import Keras weights, flatten a forest",
+                       description="Model profiles (plugins): list the installed ones, import published weights, "
+                       "or flatten an older profile's forest.")
     models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     q = models_sub.add_parser(
         "list", help="installed profiles, verified, with the reason a broken one is unusable",
@@ -33,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--name", required=True, help="profile name")
     q.add_argument("--out", type=Path, metavar="DIR", help="profile directory (default: profiles/NAME)")
     q.set_defaults(func=cmd_models_import_keras)
+    q = models_sub.add_parser(
+        "flatten-forest",
+        help="add the flattened forest (forest.safetensors) to a profile that has only its skops file",
+        description="Write the profile's skops random forest as flattened arrays (safetensors), which the analyser "
+        "loads without scikit-learn in milliseconds; checked to give scikit-learn's probabilities bit for bit. The "
+        "manifest gains classifier.arrays and its sha256; nothing else changes. For profiles written before the "
+        "arrays existed.",
+    )
+    q.add_argument("profile_dir", type=Path, metavar="PROFILE_DIR", help="the profile directory (changed in place)")
+    q.set_defaults(func=cmd_models_flatten_forest)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -63,4 +75,12 @@ def cmd_models_import_keras(args: argparse.Namespace) -> int:
     out = args.out or Path("profiles") / args.name
     import_keras_profile(args.file, out, name=args.name, command=command_line(args))
     print(f"profile {args.name} written to {out}; use it with --profile {out}")
+    return EXIT_OK
+
+
+def cmd_models_flatten_forest(args: argparse.Namespace) -> int:
+    from latticewatch.training.fit.classifier import write_forest_arrays
+
+    clf = write_forest_arrays(args.profile_dir).classifier
+    print(f"{args.profile_dir / clf.arrays} written from {clf.skops}; the manifest names it")
     return EXIT_OK

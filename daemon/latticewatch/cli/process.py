@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # the parser is built for every command; the pipeline is impo
 
 _HELP = (
     "Analyse HRTEM micrographs (MRC incl. stacks, TIFF, DM3/DM4, SER, EMD, PNG): median filter, normalise, resample "
-    "to the model's pixel size, U-Net segmentation, region isolation and measurement, 5-class random-forest "
-    "classification. Writes DIR/<name>.json, DIR/<name>_particles.csv and DIR/<name>_overlay.png per frame and "
+    "to the model's pixel size, U-Net segmentation, region isolation and measurement, a domain check, and "
+    "classification into 5 classes by the profile's classifier (random forest or CNN; 'uncertain' below its "
+    "confidence threshold). Writes DIR/<name>.json, DIR/<name>_particles.csv and DIR/<name>_overlay.png per frame and "
     "prints a summary table. Analysis warnings (unknown pixel size, a frame outside the model's domain) are printed "
     "on stderr; a frame outside the model's domain is marked '!' in the table. The defect fraction is stacking faults "
     "among stacking_fault + no_stacking_fault particles, corrected for the classifier's measured confusion, with its "

@@ -89,8 +89,8 @@ def load_classifier(directory: Path, section: ClassifierModel | None, *, threads
         flat, name = FlatForest.load(directory / section.arrays), section.arrays
     else:
         log.warning("%s: the forest has no flattened arrays ('classifier.arrays'); loading %s needs scikit-learn "
-                    "and is slow; write them with latticewatch.training.fit.classifier.write_forest_arrays",
-                    directory, section.skops)
+                    "and is slow; write them with: latticewatch models flatten-forest %s",
+                    directory, section.skops, directory)
         flat, name = FlatForest.from_sklearn(load_forest(directory / section.skops)), section.skops
     return ForestRegionClassifier(flat, section.classes, uncertain_below=section.uncertain_below), name
 

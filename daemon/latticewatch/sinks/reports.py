@@ -12,18 +12,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from latticewatch.frame import CLASSES, Analysis, Frame
+from latticewatch.frame import CLASSES, UNCERTAIN, Analysis, Frame
 from latticewatch.io.atomic import write_atomic
 from latticewatch.io.jsonio import dumps
 from latticewatch.stages.features import FEATURE_NAMES
 
-#: Outline colour per class (colour-blind-safe Okabe–Ito palette).
+#: Outline colour per label (colour-blind-safe Okabe–Ito palette; grey for a particle no class was probable enough
+#: for, yellow for one never classified: a profile without a classifier).
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "stacking_fault": (213, 94, 0),
     "no_stacking_fault": (0, 158, 115),
     "misoriented": (86, 180, 233),
     "agglomeration": (230, 159, 0),
     "empty": (204, 121, 167),
+    UNCERTAIN: (153, 153, 153),
     "unclassified": (240, 228, 66),
 }
 #: Overlays of larger frames are shrunk to this side so the PNG stays quick to write and view.
@@ -136,7 +138,7 @@ def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_M
     font = ImageFont.load_default(size=max(12, min(image.size) // 40))
     counts = analysis.class_counts()
     y = 6
-    for name in CLASSES:
+    for name in CLASSES + ((UNCERTAIN,) if counts.get(UNCERTAIN) else ()):  # a forest without a threshold has none
         text = f"{name.replace('_', ' ')}: {counts.get(name, 0)}"
         box = draw.textbbox((26, y), text, font=font)
         draw.rectangle((4, y - 2, box[2] + 6, box[3] + 4), fill=(0, 0, 0))

@@ -4,7 +4,7 @@
 "use strict";
 (function () {
   const COLOURS = { stacking_fault: "#d55e00", no_stacking_fault: "#009e73", misoriented: "#56b4e9",
-    agglomeration: "#e69f00", empty: "#cc79a7", unclassified: "#f0e442" };
+    agglomeration: "#e69f00", empty: "#cc79a7", uncertain: "#999999", unclassified: "#f0e442" };
   const NS = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
   const colour = (c) => COLOURS[c] || "#999";
