@@ -102,7 +102,7 @@ def test_classifier_section_is_a_forest_or_a_cnn_and_old_manifests_read_as_fores
     raw["files"]["cnn.onnx"] = "0" * 64
     manifest = Manifest.model_validate({**raw, "classifier": cnn})
     clf = manifest.classifier
-    assert clf.input.size_px == 64 and clf.defect_confusion.true_stacking_fault == (40, 5)
+    assert clf.input.size_px == 64 and clf.defect_confusion.true_stacking_fault == (40, 5, 0)  # 2 columns read as 3
     assert clf.model_files == ("cnn.onnx",)
     with pytest.raises(ValidationError, match="'forest', 'cnn'"):
         Manifest.model_validate({**raw, "classifier": {**cnn, "kind": "svm"}})

@@ -58,6 +58,54 @@ def test_a_rolling_series_is_within_005_of_the_truth_and_covered():
     assert within >= 90 and covered >= 90
 
 
+#: A classifier that labels 20 % of true faults another class or uncertain, and 2 % of fault-free particles.
+ABSTAINING = ((0.70, 0.10, 0.20), (0.08, 0.90, 0.02))
+
+
+def labelled_abstaining(rng, truth, particles):
+    """Counts labelled SF and no-SF by the `ABSTAINING` classifier; the particles it abstains on are not counted."""
+    faulted = rng.binomial(particles, truth)
+    counts = rng.multinomial(faulted, ABSTAINING[0]) + rng.multinomial(particles - faulted, ABSTAINING[1])
+    return int(counts[0]), int(counts[1])
+
+
+@pytest.mark.parametrize("truth", [0.15, 0.5, 0.8])
+def test_differential_abstention_is_corrected_without_bias(truth):
+    rng = np.random.default_rng(31)
+    exact = DefectConfusion(true_stacking_fault=(7000, 1000, 2000), true_no_stacking_fault=(800, 9000, 200))
+    # what the two-column correction saw: the same labels, the abstentions dropped
+    two_column = DefectConfusion(true_stacking_fault=(7000, 1000), true_no_stacking_fault=(800, 9000))
+    corrected, ignoring = [], []
+    for _ in range(400):
+        counts = labelled_abstaining(rng, truth, 500)
+        corrected.append(estimate_defect_fraction(*counts, exact).estimate)
+        ignoring.append(estimate_defect_fraction(*counts, two_column).estimate)
+    assert abs(np.mean(corrected) - truth) < 0.01 < 0.02 < abs(np.mean(ignoring) - truth)
+
+
+@pytest.mark.parametrize(("truth", "held_out", "particles"), [(0.3, 150, 16), (0.3, 150, 400), (0.7, 60, 100)])
+def test_with_abstentions_the_interval_covers_the_truth_in_at_least_90_percent_of_trials(truth, held_out, particles):
+    rng = np.random.default_rng(17)
+    hits = 0
+    for _ in range(300):
+        confusion = DefectConfusion(true_stacking_fault=rng.multinomial(held_out, ABSTAINING[0]).tolist(),
+                                    true_no_stacking_fault=rng.multinomial(held_out, ABSTAINING[1]).tolist())
+        e = estimate_defect_fraction(*labelled_abstaining(rng, truth, particles), confusion)
+        hits += e.lower <= truth <= e.upper
+    assert hits / 300 >= 0.9
+
+
+def test_a_manifest_of_two_columns_reads_as_nothing_abstained():
+    old = DefectConfusion.model_validate_json('{"true_stacking_fault": [128, 22], "true_no_stacking_fault": [15, 135]}')
+    assert old == MEDIOCRE and old.true_stacking_fault == (128, 22, 0)
+    assert old.rates == ((128 / 150, 22 / 150, 0.0), (15 / 150, 135 / 150, 0.0))
+    assert DefectConfusion.model_validate_json(old.model_dump_json()) == old  # written back with three columns
+    with pytest.raises(pydantic.ValidationError):
+        DefectConfusion(true_stacking_fault=(1, 2, 3, 4), true_no_stacking_fault=(3, 40))
+    with pytest.raises(pydantic.ValidationError, match="both classes"):  # every true fault abstained: nothing measured
+        DefectConfusion(true_stacking_fault=(0, 0, 20), true_no_stacking_fault=(3, 40, 1))
+
+
 def test_without_confusion_it_is_the_jeffreys_interval_of_the_raw_counts():
     e = estimate_defect_fraction(4, 16, None)
     assert e.raw == e.estimate == 0.2 and not e.corrected

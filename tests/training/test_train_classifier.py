@@ -48,9 +48,11 @@ def test_train_classifier_from_a_crops_index_updates_a_loadable_profile(index, t
     X = np.random.default_rng(3).random((50, 5))
     np.testing.assert_array_equal(FlatForest.load(profile / "forest.safetensors").predict_proba(X),
                                   forest.predict_proba(X))
-    sf, nosf = (tuple(np.array(m["confusion_matrix"])[i, :2].tolist()) for i in (0, 1))  # held-out SF/no-SF block
+    # held-out SF/no-SF rows: labelled SF, no-SF, anything else
+    sf, nosf = ((*np.array(m["confusion_matrix"])[i, :2].tolist(), int(np.sum(m["confusion_matrix"][i][2:])))
+                for i in (0, 1))
     confusion = manifest.classifier.defect_confusion
-    if sum(sf) and sum(nosf):
+    if sum(sf[:2]) and sum(nosf[:2]):
         assert (confusion.true_stacking_fault, confusion.true_no_stacking_fault) == (sf, nosf)
     else:  # too few held-out crops of the two to measure anything
         assert confusion is None

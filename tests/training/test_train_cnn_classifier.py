@@ -90,7 +90,8 @@ def test_uncertain_particles_leave_the_scores_and_the_bins_split_them():
                   [0, 0, 1.0, 0, 0]])
     m = classification_metrics(y, p, 0.5)
     assert m["coverage"] == 0.8 and m["confusion_matrix"][0][-1] == 1  # the 0.3 one is uncertain
-    assert m["defect_confusion"] == {"true_stacking_fault": [1, 0], "true_no_stacking_fault": [1, 1]}
+    # the uncertain stacking fault is counted in the third column: it never reached a frame's fraction
+    assert m["defect_confusion"] == {"true_stacking_fault": [1, 0, 1], "true_no_stacking_fault": [1, 1, 0]}
     tables = condition_tables(y, p, 0.5, [{"dose_e_per_a2": d, "material": "Au"} for d in (300, 300, 3000, 3000, 3000)])
     assert [row["n"] for row in tables["dose_e_per_a2"]] == [2, 3] and tables["material"][0]["n"] == 5
 
@@ -99,6 +100,11 @@ def test_defect_series_of_a_perfect_classifier_find_the_truth_and_a_blind_one_do
     y = np.array([0] * 60 + [1] * 60)
     perfect = defect_series(y, y.copy(), None, SeriesSpec(n_series=30, frames=30))
     assert perfect["within_tolerance"] == 1.0 and perfect["interval_covers"] >= 0.9
+    # the table beside it: 2, 4 and 10 particles a frame, the headline being the row of 4
+    assert [(r["particles_per_frame"], r["particles_per_series"]) for r in perfect["table"]] == [(2, 60), (4, 120),
+                                                                                               (10, 300)]
+    assert perfect["table"][1]["median_abs_error"] == perfect["median_abs_error"]
+    assert perfect["table"][0]["median_interval_width"] > perfect["table"][2]["median_interval_width"]
     blind = defect_series(y, np.zeros_like(y), None, SeriesSpec(n_series=30, frames=30))  # says SF always
     assert blind["within_tolerance"] < 0.2
 

@@ -429,6 +429,7 @@ def _train_cnn_command(args: argparse.Namespace) -> int:
 
 def _print_cnn_report(m: dict) -> None:
     from latticewatch.training.assess.classifier_metrics import format_table
+    from latticewatch.training.assess.defect_series import format_series_table
 
     def number(value: float | None) -> str:
         return "–" if value is None else f"{value:.3f}"
@@ -448,5 +449,5 @@ def _print_cnn_report(m: dict) -> None:
             print(format_table(rows, name))
     series = m["defect_series"]
     if "within_tolerance" in series:
-        print(f"defect-fraction series: within ±{series['tolerance']} in {series['within_tolerance']:.2f}, "
-              f"interval covers the truth in {series['interval_covers']:.2f} of {series['n_series']}")
+        print(f"defect-fraction series of {series['frames']} frames ({series['n_series']} per row):")
+        print(format_series_table(series))

@@ -1,31 +1,45 @@
 """The defect fraction with the classifier's measured confusion taken into account, and its interval.
 
-The defect fraction is stacking faults among particles on zone axis: ``n_sf / (n_sf + n_nosf)``
-over the particles the classifier labelled ``stacking_fault`` or ``no_stacking_fault``. The
-classifier mislabels some of them, so the observed rate ``p`` is not the true fraction ``θ``:
+The defect fraction is stacking faults among particles on zone axis. A frame counts only the
+particles the classifier labelled ``stacking_fault`` (``n_sf``) or ``no_stacking_fault``
+(``n_nosf``), and the classifier errs in two ways: it swaps the two labels, and it labels some
+particles of either class as another class or ``uncertain`` (it *abstains*), at different rates for
+the two. With the rates measured on held-out data (`DefectConfusion`, the manifest's
+``classifier.defect_confusion``),
 
-    p = θ · Se + (1 − θ) · (1 − Sp)
+    a = P(labelled SF | SF),  b = P(labelled no-SF | SF),  c = P(labelled SF | no-SF),  d = P(labelled no-SF | no-SF),
 
-with ``Se`` (sensitivity: a true fault labelled a fault) and ``Sp`` (specificity: a fault-free
-particle labelled fault-free) measured on held-out data (`DefectConfusion`, the manifest's
-``classifier.defect_confusion``). The point estimate inverts this (Rogan & Gladen 1978),
-``θ = (p + Sp − 1) / (Se + Sp − 1)``, clipped to [0, 1].
+the labelled share ``q = n_sf / (n_sf + n_nosf)`` of a population whose true fraction is ``f`` is
 
-The interval is Bayesian and counts both uncertainties, the frame's few particles and the
-held-out set's finite size: Jeffreys Beta posteriors for ``p``, ``Se`` and ``Sp`` (independent
+    q = (f a + (1 − f) c) / (f (a + b) + (1 − f)(c + d)),
+
+so ``f = (c − q (c + d)) / (q (a + b) − q (c + d) − a + c)``, computed as
+``f = (c + d)(q − q₀) / ((c + d)(q − q₀) + (a + b)(q₁ − q))`` with ``q₀ = c / (c + d)`` and
+``q₁ = a / (a + b)`` (the labelled shares at ``f = 0`` and ``f = 1``) and ``q`` clipped to
+[q₀, q₁], which keeps ``f`` in [0, 1]. Without abstentions (a + b = c + d = 1) it is Rogan & Gladen
+(1978), ``(q + Sp − 1) / (Se + Sp − 1)``; a correction that ignored the abstentions would be
+biased whenever the two classes abstain at different rates.
+
+The point estimate uses the held-out counts' rates. The interval is Bayesian and counts both
+uncertainties, the frame's few particles and the held-out set's finite size: a Jeffreys Beta
+posterior for ``q``, a Dirichlet(counts + ½) posterior for each row of the confusion (independent
 data), Monte-Carlo draws pushed through the inversion, equal-tailed percentiles. Draws use fixed
 seeds, so the same counts and confusion always give the same interval; the confusion's draws are
-made once per confusion and cached, so one frame costs well under a millisecond. Without a
-confusion the interval is the Jeffreys interval of the raw counts.
+made once per confusion and cached, so one frame costs well under a millisecond. A classifier
+whose labels say nothing about the class (``a d ≤ b c``: q₁ ≤ q₀) cannot be inverted; such draws
+take ``f`` from a uniform prior. Without a confusion the interval is the Jeffreys interval of the
+raw counts.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+from numpy.typing import ArrayLike
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 from scipy.special import betaincinv
 
 #: Monte-Carlo draws per interval: the 2.5 % percentile then moves by < 0.01 between seeds.
@@ -37,42 +51,55 @@ _PRIOR = 0.5
 
 
 class DefectConfusion(BaseModel):
-    """Held-out counts among particles truly stacking-fault or no-fault that the classifier labelled
-    one of the two (confidently): the manifest's ``classifier.defect_confusion``."""
+    """Held-out counts of particles truly stacking-fault or no-fault, by the label the classifier gave
+    them: the manifest's ``classifier.defect_confusion``.
+
+    Each row is (labelled ``stacking_fault``, labelled ``no_stacking_fault``, labelled anything else
+    including ``uncertain``). Rows of two counts, written before the third column existed, read with
+    a third count of 0.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    true_stacking_fault: tuple[NonNegativeInt, NonNegativeInt] = Field(
-        description="(labelled stacking_fault, labelled no_stacking_fault)")
-    true_no_stacking_fault: tuple[NonNegativeInt, NonNegativeInt] = Field(
-        description="(labelled stacking_fault, labelled no_stacking_fault)")
+    true_stacking_fault: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = Field(
+        description="(labelled stacking_fault, labelled no_stacking_fault, labelled another class or uncertain)")
+    true_no_stacking_fault: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt] = Field(
+        description="(labelled stacking_fault, labelled no_stacking_fault, labelled another class or uncertain)")
     data: str = Field("", description="the held-out set these counts come from")
+
+    @field_validator("true_stacking_fault", "true_no_stacking_fault", mode="before")
+    @classmethod
+    def _abstentions_default_to_none(cls, row: Any) -> Any:
+        # manifests written before the third column recorded only the two labels
+        if isinstance(row, (list, tuple)) and len(row) == 2:
+            return (*row, 0)
+        return row
 
     @model_validator(mode="after")
     def _both_classes_seen(self) -> DefectConfusion:
-        # sensitivity and specificity are each measured on one row: an empty row measures nothing
-        if not sum(self.true_stacking_fault) or not sum(self.true_no_stacking_fault):
-            raise ValueError("defect_confusion needs held-out particles of both classes (a row sums to 0)")
+        # each class's rates are measured on its row: a row with no particle labelled SF or no-SF measures nothing
+        if not sum(self.true_stacking_fault[:2]) or not sum(self.true_no_stacking_fault[:2]):
+            raise ValueError("defect_confusion needs held-out particles of both classes labelled stacking_fault "
+                             "or no_stacking_fault (a row's first two counts sum to 0)")
         return self
 
     @property
-    def sensitivity(self) -> float:
-        """True stacking faults labelled ``stacking_fault``, as a fraction.
+    def rates(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Each row as fractions: ((a, b, abstained), (c, d, abstained)) in the module's notation.
 
         Examples
         --------
-        >>> c = DefectConfusion(true_stacking_fault=(90, 10), true_no_stacking_fault=(5, 95))
-        >>> c.sensitivity, c.specificity
-        (0.9, 0.95)
+        >>> c = DefectConfusion(true_stacking_fault=(15, 3, 2), true_no_stacking_fault=[3, 28])
+        >>> c.true_no_stacking_fault
+        (3, 28, 0)
+        >>> c.rates[0]
+        (0.75, 0.15, 0.1)
         """
-        tp, fn = self.true_stacking_fault
-        return tp / (tp + fn)
+        def fractions(row: tuple[int, int, int]) -> tuple[float, float, float]:
+            total = sum(row)
+            return (row[0] / total, row[1] / total, row[2] / total)
 
-    @property
-    def specificity(self) -> float:
-        """True fault-free particles labelled ``no_stacking_fault``, as a fraction."""
-        fp, tn = self.true_no_stacking_fault
-        return tn / (fp + tn)
+        return fractions(self.true_stacking_fault), fractions(self.true_no_stacking_fault)
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,13 @@ def estimate_defect_fraction(n_sf: int, n_nosf: int, confusion: DefectConfusion 
     >>> e = estimate_defect_fraction(30, 70, c)
     >>> e.raw, round(e.estimate, 3), e.lower < e.estimate < e.upper
     (0.3, 0.286, True)
+
+    True faults abstain more often than fault-free particles here (10 % against 0 %), so fewer of
+    them reach the count and the fraction is higher than Rogan–Gladen on the labelled two columns says:
+
+    >>> c3 = DefectConfusion(true_stacking_fault=(75, 15, 10), true_no_stacking_fault=(10, 90, 0))
+    >>> round(estimate_defect_fraction(30, 70, c3).estimate, 3)
+    0.294
     >>> estimate_defect_fraction(0, 0, c).estimate is None
     True
     """
@@ -145,35 +179,50 @@ def estimate_defect_fraction(n_sf: int, n_nosf: int, confusion: DefectConfusion 
         return DefectEstimate(n_sf, n_nosf, raw, raw, lower, upper, level, False)
     draws = _fraction_draws(n_sf, n_nosf, confusion)
     lower, upper = (float(q) for q in np.quantile(draws, (tail, 1 - tail)))
-    youden = confusion.sensitivity + confusion.specificity - 1
-    # a classifier no better than chance says nothing about θ: its draws already hold the prior
-    point = (raw + confusion.specificity - 1) / youden if youden > 0 else float(np.median(draws))
-    return DefectEstimate(n_sf, n_nosf, raw, min(max(point, 0.0), 1.0), lower, upper, level, True)
+    (a, b, _), (c, d, _) = confusion.rates
+    informative, point = _invert(raw, a, b, c, d)
+    # a classifier whose labels say nothing about the class says nothing about f: its draws already hold the prior
+    estimate = float(point) if informative else float(np.median(draws))
+    return DefectEstimate(n_sf, n_nosf, raw, estimate, lower, upper, level, True)
+
+
+def _invert(q: ArrayLike, a: ArrayLike, b: ArrayLike, c: ArrayLike, d: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Where the rates can be inverted, and there the true fraction f whose labelled share is ``q`` (module docstring).
+
+    Scalars (the point estimate) or arrays of draws alike; ``a + b`` and ``c + d`` must be positive.
+    ``q`` is clipped to [q₀, q₁] first: a share beyond what f = 0 or f = 1 gives means 0 or 1, and the
+    form below then cannot leave [0, 1] nor divide by 0. Where the rates cannot be inverted f is NaN.
+    """
+    labelled_sf, labelled_nosf = a + b, c + d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0, q1 = c / labelled_nosf, a / labelled_sf
+        informative = q1 > q0  # ⇔ a d > b c
+        q = np.clip(q, q0, np.maximum(q0, q1))
+        towards_sf, towards_nosf = labelled_nosf * (q - q0), labelled_sf * (q1 - q)
+        fraction = np.where(informative, towards_sf / (towards_sf + towards_nosf), np.nan)
+    return informative, np.clip(fraction, 0.0, 1.0)
 
 
 def _fraction_draws(n_sf: int, n_nosf: int, confusion: DefectConfusion) -> np.ndarray:
-    """Posterior draws of the true fraction θ given the counts and the confusion."""
-    false_positive, youden, prior = _confusion_draws(confusion)
+    """Posterior draws of the true fraction f given the counts and the confusion."""
+    a, b, c, d, prior = _confusion_draws(confusion)
     observed = np.random.default_rng(_COUNTS_SEED).beta(n_sf + _PRIOR, n_nosf + _PRIOR, DRAWS)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        theta = (observed - false_positive) / youden
-    # draws where Se + Sp ≤ 1 cannot be inverted: θ is then unconstrained by the counts
-    theta = np.where(youden > 0, theta, prior)
-    return np.clip(theta, 0.0, 1.0)
+    informative, fraction = _invert(observed, a, b, c, d)
+    # draws that cannot be inverted leave f unconstrained by the counts
+    return np.where(informative, fraction, prior)
 
 
 @functools.lru_cache(maxsize=8)
-def _confusion_draws(confusion: DefectConfusion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draws of 1 − Sp and Se + Sp − 1 from their Jeffreys posteriors, and of a uniform prior on θ.
+def _confusion_draws(confusion: DefectConfusion) -> tuple[np.ndarray, ...]:
+    """Draws of a, b, c, d from each row's Dirichlet(counts + ½) posterior, and of a uniform prior on f.
 
     A profile has one confusion, so this runs once per process; the arrays are read-only.
     """
     rng = np.random.default_rng(_CONFUSION_SEED)
-    tp, fn = confusion.true_stacking_fault
-    fp, tn = confusion.true_no_stacking_fault
-    sensitivity = rng.beta(tp + _PRIOR, fn + _PRIOR, DRAWS)
-    specificity = rng.beta(tn + _PRIOR, fp + _PRIOR, DRAWS)
-    out = (1.0 - specificity, sensitivity + specificity - 1.0, rng.uniform(size=DRAWS))
+    stacking_fault = rng.dirichlet(np.add(confusion.true_stacking_fault, _PRIOR), DRAWS)
+    no_stacking_fault = rng.dirichlet(np.add(confusion.true_no_stacking_fault, _PRIOR), DRAWS)
+    out = (stacking_fault[:, 0].copy(), stacking_fault[:, 1].copy(), no_stacking_fault[:, 0].copy(),
+           no_stacking_fault[:, 1].copy(), rng.uniform(size=DRAWS))
     for array in out:
         array.flags.writeable = False
     return out

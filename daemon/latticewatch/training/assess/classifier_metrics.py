@@ -72,13 +72,18 @@ def _defect_part(y: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray
 
 
 def defect_confusion_counts(y: np.ndarray, predicted: np.ndarray) -> dict[str, list[int]]:
-    """The manifest's ``defect_confusion`` counts: truly SF / no-SF particles labelled SF or no-SF.
+    """The manifest's ``defect_confusion`` counts: truly SF / no-SF particles labelled SF, no-SF or anything else.
 
-    >>> defect_confusion_counts(np.array([0, 0, 1, 1]), np.array([0, 1, 1, -1]))
-    {'true_stacking_fault': [1, 1], 'true_no_stacking_fault': [0, 1]}
+    The third count (another class or uncertain) matters: only the first two reach a frame's defect
+    fraction, and the two classes lose different shares to the third.
+
+    >>> defect_confusion_counts(np.array([0, 0, 0, 1, 1]), np.array([0, 1, 3, 1, -1]))
+    {'true_stacking_fault': [1, 1, 1], 'true_no_stacking_fault': [0, 1, 1]}
     """
     def row(true: int) -> list[int]:
-        return [int(np.sum((y == true) & (predicted == SF))), int(np.sum((y == true) & (predicted == NOSF)))]
+        labels = predicted[y == true]
+        sf, nosf = int(np.sum(labels == SF)), int(np.sum(labels == NOSF))
+        return [sf, nosf, int(labels.size) - sf - nosf]
 
     return {"true_stacking_fault": row(SF), "true_no_stacking_fault": row(NOSF)}
 

@@ -288,16 +288,19 @@ def train_classifier(
 
 def defect_confusion(confusion_matrix: list[list[int]], data: str) -> dict[str, Any] | None:
     """The manifest's ``classifier.defect_confusion`` from a held-out confusion matrix over `CLASSES`
-    (rows: true class): the stacking-fault / no-fault block; ``None`` when the held-out set has no
-    particle of one of the two labelled either way (it would measure nothing).
+    (rows: true class; any further column, such as ``uncertain``, counts as another label): per
+    stacking-fault and no-fault row, the particles labelled stacking_fault, no_stacking_fault and
+    anything else; ``None`` when the held-out set has no particle of one of the two labelled either
+    of them (it would measure nothing).
 
     >>> m = [[9, 1, 0, 0, 0], [2, 8, 1, 0, 0]] + [[0] * 5] * 3
     >>> defect_confusion(m, "held-out crops")
-    {'true_stacking_fault': [9, 1], 'true_no_stacking_fault': [2, 8], 'data': 'held-out crops'}
+    {'true_stacking_fault': [9, 1, 0], 'true_no_stacking_fault': [2, 8, 1], 'data': 'held-out crops'}
     """
     sf, nosf = CLASSES.index("stacking_fault"), CLASSES.index("no_stacking_fault")
-    rows = [[int(confusion_matrix[true][sf]), int(confusion_matrix[true][nosf])] for true in (sf, nosf)]
-    if not all(sum(row) for row in rows):
+    rows = [[int(counts[sf]), int(counts[nosf]), int(sum(counts) - counts[sf] - counts[nosf])]
+            for counts in (confusion_matrix[sf], confusion_matrix[nosf])]
+    if not all(sum(row[:2]) for row in rows):
         log.warning("the held-out images hold too few stacking-fault / no-fault particles to measure the "
                     "classifier's confusion; the defect fraction will not be corrected for it")
         return None

@@ -319,8 +319,9 @@ def _defect_confusion(y: np.ndarray, predicted: np.ndarray, source: str):
     from latticewatch.stages.defect_fraction import DefectConfusion
 
     counts = defect_confusion_counts(y, predicted)
-    if not sum(counts["true_stacking_fault"]) or not sum(counts["true_no_stacking_fault"]):
-        log.warning("validation images lack labelled SF or no-SF particles: no defect_confusion recorded")
+    # a row whose particles were all labelled another class or uncertain measures nothing
+    if not sum(counts["true_stacking_fault"][:2]) or not sum(counts["true_no_stacking_fault"][:2]):
+        log.warning("validation images lack SF or no-SF particles labelled SF or no-SF: no defect_confusion recorded")
         return None
     return DefectConfusion(**counts, data=f"validation images of {source}")
 
