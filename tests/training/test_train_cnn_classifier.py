@@ -120,3 +120,28 @@ def test_classifier_onnx_export_matches_torch_for_any_batch(tmp_path):
         with torch.no_grad():
             expected = net(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(session.run(["probabilities"], {"crops": x})[0], expected, atol=1e-5)
+
+
+def test_evaluate_classifier_scores_the_cnn_and_the_forest_on_the_same_test_images(index, tmp_path, capsys):
+    cnn = copy_profile(profile_dir, tmp_path / "cnn")
+    assert main(["train-classifier", "--kind", "cnn", "--out", str(cnn), "--crops", str(index), "--steps", "4",
+                 "--eval-every", "2", "--batch-size", "8", "--crop-size", "48", "--threads", "1", "--seed", "3"]) == 0
+    forest = copy_profile(profile_dir, tmp_path / "forest")
+    assert main(["train-classifier", "--out", str(forest), "--crops", str(index), "--seed", "3"]) == 0
+    capsys.readouterr()
+    results = {}
+    for name, profile in (("cnn", cnn), ("forest", forest)):
+        assert main(["evaluate-classifier", "--profile", str(profile), "--crops", str(index), "--test-split", "3",
+                     "--json", "--record", "test_split_eval"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    trained = read_manifest(cnn).training
+    # the CNN's own test scores (written by train-classifier) are what evaluate-classifier measures again
+    assert results["cnn"]["metrics"]["confusion_matrix"] == trained["classifier"].metrics["test"]["confusion_matrix"]
+    n_test_images = trained["classifier"].metrics["n_images_test"]
+    assert results["cnn"]["n_images"] == results["forest"]["n_images"] == n_test_images
+    assert results["forest"]["kind"] == "forest" and results["cnn"]["kind"] == "cnn"
+    assert trained["test_split_eval"].metrics["n_crops"] == results["cnn"]["n_crops"]
+    # all crops by default; the text report names the profile and the tables
+    assert main(["evaluate-classifier", "--profile", str(cnn), "--crops", str(index)]) == 0
+    out = capsys.readouterr().out
+    assert "(cnn) on 50 crops" in out and "balanced accuracy" in out and "particles/frame" in out

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from latticewatch.cli.common import (
     BASELINE_NAMES,
+    EXIT_OK,
     add_baselines,
     add_profile,
     add_threads,
     baseline_names,
+    command_line,
     exit_code,
     progress_enabled,
     report_failure,
@@ -76,6 +78,87 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     add_threads(p)
     p.set_defaults(func=evaluate_command)
+    _register_classifier(subparsers)
+
+
+_CLASSIFIER_HELP = """\
+Score a profile's region classifier (the paper's forest or the CNN, whichever its manifest names)
+on a labelled crops index (DIR/crops/index.csv as `latticewatch simulate` writes it), with the
+files and thresholds the daemon uses: its `uncertain_below` (particles below it are `uncertain`)
+and its `defect_confusion` (the corrected defect fraction of the series check).
+
+By default every crop is scored: use it on a data set the profile never trained on, e.g. one
+simulated with another seed. --test-split SEED scores only the test images of
+`train-classifier --seed SEED --test-fraction F` on the same index, so that two profiles trained
+on one index (forest and CNN) are compared on the same held-out particles.
+
+Prints: balanced accuracy over the 5 classes (labelled particles, and all with no abstaining),
+coverage, stacking fault vs no fault, the confusion matrix, tables per dose, particle size,
+|defocus| and material, and the defect-fraction series (within ±0.05 of the truth, interval
+coverage). --record NAME also writes the result into the profile's manifest as training.NAME.
+"""
+
+
+def _register_classifier(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate-classifier", help="score a profile's region classifier on a crops index",
+                              description=_CLASSIFIER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_profile(p)
+    p.add_argument("--crops", type=Path, required=True, metavar="INDEX_CSV",
+                   help="crops index, e.g. sim/crops/index.csv")
+    p.add_argument("--test-split", type=int, default=None, metavar="SEED",
+                   help="score only the test images of train-classifier's split with this seed")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="that split's test fraction (default: 0.2)")
+    p.add_argument("--record", metavar="NAME", help="write the result into the profile's manifest as training.NAME")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    add_threads(p)
+    p.set_defaults(func=evaluate_classifier_command)
+
+
+def evaluate_classifier_command(args: argparse.Namespace) -> int:
+    from latticewatch.models.manifest import update_manifest
+    from latticewatch.runtime.plugins import resolve_profile
+    from latticewatch.training.assess.classifier_eval import evaluate_classifier, score_crops, test_rows
+    from latticewatch.training.assess.classifier_metrics import format_table
+    from latticewatch.training.assess.defect_series import format_series_table
+
+    if not 0 < args.test_fraction < 1:
+        raise ConfigError(f"--test-fraction must lie between 0 and 1, got {args.test_fraction}")
+    directory, manifest = resolve_profile(args.profile)
+    scores = score_crops(directory, manifest, args.crops, threads=args.threads, progress=progress_enabled())
+    for problem in scores.skipped:
+        print(f"skipped: {problem}", file=sys.stderr)
+    rows = None if args.test_split is None else test_rows(scores, args.test_fraction, args.test_split)
+    result = evaluate_classifier(scores, manifest, rows)
+    result["data"] = (f"crops index {args.crops}" + ("" if rows is None else
+                      f", test images of the split with seed {args.test_split} and fraction {args.test_fraction}"))
+    if args.record:
+        entry = {"command": command_line(args), "data": result["data"], "metrics": result}
+        update_manifest(directory, lambda m: m.setdefault("training", {}).__setitem__(args.record, entry))
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    m = result["metrics"]
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    print(f"{manifest.name}@{manifest.version} ({result['kind']}) on {result['n_crops']} crops from "
+          f"{result['n_images']} image(s); uncertain below {m['uncertain_below']}")
+    columns = [c.replace("no_stacking_fault", "no SF").replace("stacking_fault", "SF")[:10]
+               for c in m["confusion_columns"]]
+    print("confusion (rows: true class, columns: label)\n" + " " * 18 + "".join(f"{c:>11}" for c in columns))
+    for name, row in zip(m["confusion_columns"], m["confusion_matrix"]):
+        print(f"{name:<18}" + "".join(f"{v:>11d}" for v in row))
+    print(f"balanced accuracy {number(m['balanced_accuracy'])} on the {number(m['coverage'])} labelled (all, no "
+          f"abstaining: {number(m['balanced_accuracy_all'])}); SF vs no SF {number(m['sf_vs_nosf_balanced_accuracy'])} "
+          f"(forced: {number(m['sf_vs_nosf_balanced_accuracy_forced'])})")
+    for name, table in result["tables"].items():
+        if table:
+            print(format_table(table, name))
+    if "within_tolerance" in result["defect_series"]:
+        print(format_series_table(result["defect_series"]))
+    return EXIT_OK
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

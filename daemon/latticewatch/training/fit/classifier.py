@@ -143,6 +143,7 @@ class FeatureSet:
     groups: np.ndarray  # source image of each row
     skipped: list[str]
     source: str = ""  # where the crops came from, as the manifest's ``data`` records it
+    instances: np.ndarray | None = None  # the crop's instance in its source image (index rows only)
 
 
 def features_from_index(index: Path, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
@@ -155,7 +156,7 @@ def features_from_index(index: Path, manifest: Manifest, *, progress: bool = Fal
     index = Path(index)
     rows = read_crop_index(index)
     base = index.parent
-    X, y, groups, skipped = [], [], [], []
+    X, y, groups, instances, skipped = [], [], [], [], []
     for row in tqdm(rows, desc="crops", unit="crop", disable=not progress):
         crop_path, mask_path = base / row.crop, base / row.mask
         try:
@@ -171,12 +172,13 @@ def features_from_index(index: Path, manifest: Manifest, *, progress: bool = Fal
         X.append([feats[f] for f in FEATURE_NAMES])
         y.append(CLASSES.index(row.label))
         groups.append(row.image)
+        instances.append(row.instance)
     if not X:
         raise CropIndexError(f"{index}: none of the {len(rows)} crops could be used; first problem: {skipped[0]}")
     # simulate writes DIR/crops/index.csv: DIR is the data set
     dataset = index.parent.parent if index.parent.name == "crops" else index.parent
     return FeatureSet(np.array(X), np.array(y), np.array(groups), skipped,
-                      f"crops index {relative_path(index, dataset)}")
+                      f"crops index {relative_path(index, dataset)}", np.array(instances))
 
 
 def synthetic_features(n_per_class: int, seed: int, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
