@@ -64,6 +64,7 @@ def test_file_paths_are_relative_to_the_file_and_check_config(tmp_path, capsys):
     config = load_config(cfg)
     assert (config.calibration, config.archive_root, config.archive.policy) == (cal, tmp_path / "arc", "quantize:4")
     cfg.write_text('data_dir = "data"\n[sources.cam]\nkind = "folder"\npath = "in"\npolling = true\n')
+    (tmp_path / "in").mkdir()  # check-config, like run, wants the watched folder to exist
     assert main(["check-config", str(cfg)]) == 0
     cfg.write_text('[runtime]\nqueue_size = "big"\n')
     assert main(["check-config", str(cfg)]) == 2

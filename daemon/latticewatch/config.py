@@ -33,6 +33,15 @@ Example (every key with its default)::
     address = "tcp://127.0.0.1:5557"   # bound; multipart [topic, JSON]
     high_water_mark = 1000             # per subscriber; beyond it events are dropped and counted
     status_interval_s = 5.0            # latticewatch.status every this many seconds; 0 = none
+    # curve_secret_key = "keys/daemon.key_secret"  # default none; with curve_clients: CURVE, allowed peers only
+    # curve_clients = "keys/subscribers"           # directory of the allowed subscribers' public keys (*.key)
+
+    [events.log]                       # rotation and retention of <state>/events.jsonl
+    max_bytes = 67108864               # rotate to events.jsonl.000001, .000002 … past this size ...
+    max_age_s = 0                      # ... or once its first event is this old; 0 = by size only
+    keep = 20                          # rotated files kept; 0 = no limit ...
+    keep_days = 0                      # ... and none last written longer ago than this; 0 = no limit
+    compress = "gzip"                  # rotated files: "gzip" (.gz) or "none"
 
     [metrics]                          # Prometheus /metrics
     enabled = true
@@ -67,7 +76,9 @@ Example (every key with its default)::
     socket = "pull"                    # or "sub"
     bind = false
     max_pixels = 268435456
-    high_water_mark = 1000
+    high_water_mark = 1000             # messages ZeroMQ buffers here (lost at a SIGKILL, and counted as gaps)
+    # curve_secret_key = "keys/daemon.key_secret"  # default none; with curve_clients: CURVE, allowed peers only
+    # curve_clients = "keys/cameras"               # directory of the allowed senders' public keys (*.key)
 
 Other ``kind`` values name source plugins (entry point group ``latticewatch.sources``); their
 tables go to the plugin's factory unchanged.
@@ -76,13 +87,15 @@ tables go to the plugin's factory unchanged.
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from latticewatch.errors import ConfigError
+from latticewatch.errors import ConfigError, LatticewatchError
 from latticewatch.io.readers import DEFAULT_MAX_PIXELS
 
 
@@ -100,6 +113,32 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
+def endpoint_host(endpoint: str) -> str | None:
+    """The host of a ``tcp://HOST:PORT`` endpoint (``*`` = every interface); ``None`` for ipc:// and inproc://.
+
+    Examples
+    --------
+    >>> endpoint_host("tcp://127.0.0.1:5557"), endpoint_host("tcp://*:5557"), endpoint_host("ipc:///run/lw")
+    ('127.0.0.1', '*', None)
+    """
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint.removeprefix("tcp://").rpartition(":")[0]
+
+
+def _warn_if_exposed(key: str, host: str | None) -> None:
+    """A listener that other machines can reach is allowed, but never silently (the defaults bind loopback only)."""
+    if host is not None and host not in LOOPBACK_HOSTS and host != "::1":
+        log.warning("%s binds %r: reachable from other machines", key, host)
+
+
+def _listen_host(value: str, key: str) -> str:
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("must be a host name or address such as 127.0.0.1 (0.0.0.0 exposes it to the network)")
+    _warn_if_exposed(key, value)
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -114,6 +153,20 @@ class FolderSourceConfig(_Strict):
     permissive: bool = False
 
 
+def _both_curve_keys(model: Any) -> Any:
+    """ZeroMQ CURVE (`latticewatch.io.curve`) needs both keys; neither means no authentication."""
+    if (model.curve_secret_key is None) != (model.curve_clients is None):
+        raise ValueError("curve_secret_key and curve_clients go together: give both or neither")
+    return model
+
+
+def _curve_resolved(model: Any, base: Path) -> Any:
+    if model.curve_secret_key is None:
+        return model
+    return model.model_copy(update={"curve_secret_key": base / model.curve_secret_key,
+                                    "curve_clients": base / model.curve_clients})
+
+
 class ZmqSourceConfig(_Strict):
     kind: Literal["zmq"]
     address: ZmqEndpoint = "tcp://127.0.0.1:5555"
@@ -121,6 +174,16 @@ class ZmqSourceConfig(_Strict):
     bind: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     high_water_mark: int = Field(1000, ge=1)
+    curve_secret_key: Path | None = None  # the daemon's secret key file (zmq.auth.create_certificates)
+    curve_clients: Path | None = None  # directory of the allowed senders' public keys (*.key)
+
+    _curve = model_validator(mode="after")(_both_curve_keys)
+
+    @model_validator(mode="after")
+    def _exposed(self) -> ZmqSourceConfig:
+        if self.bind:
+            _warn_if_exposed("sources.*.address", endpoint_host(self.address))
+        return self
 
 
 class PluginSourceConfig(BaseModel):
@@ -172,6 +235,16 @@ class ArchiveConfig(_Strict):
         return str(Codec.parse(value))
 
 
+class EventLogConfig(_Strict):
+    """``[events.log]``: rotation and retention of ``<state>/events.jsonl`` (`latticewatch.runtime.eventlog`)."""
+
+    max_bytes: int = Field(64 * 2**20, gt=0)  # rotate past this size ...
+    max_age_s: float = Field(0.0, ge=0)  # ... or once its first event is this old; 0: by size only
+    keep: int = Field(20, ge=0)  # rotated files kept; 0: no limit
+    keep_days: float = Field(0.0, ge=0)  # rotated files last written longer ago are removed; 0: no limit
+    compress: Literal["gzip", "none"] = "gzip"  # rotated files
+
+
 class EventsConfig(_Strict):
     """``[events]``: the ZeroMQ PUB of the events (they always go to the durable log too)."""
 
@@ -179,6 +252,17 @@ class EventsConfig(_Strict):
     address: ZmqEndpoint = "tcp://127.0.0.1:5557"
     high_water_mark: int = Field(1000, ge=1)
     status_interval_s: float = Field(5.0, ge=0, le=3600)
+    log: EventLogConfig = EventLogConfig()
+    curve_secret_key: Path | None = None  # the daemon's secret key file (zmq.auth.create_certificates)
+    curve_clients: Path | None = None  # directory of the allowed subscribers' public keys (*.key)
+
+    _curve = model_validator(mode="after")(_both_curve_keys)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        _warn_if_exposed("events.address", endpoint_host(value))
+        return value
 
 
 class MetricsConfig(_Strict):
@@ -188,6 +272,11 @@ class MetricsConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
     rolling_frames: int = Field(100, ge=1, le=1_000_000)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _listen_host(value, "metrics.host")
 
 
 class DashboardConfig(_Strict):
@@ -207,11 +296,7 @@ class DashboardConfig(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        if not value or any(c.isspace() for c in value):
-            raise ValueError("must be a host name or address such as 127.0.0.1 (0.0.0.0 exposes it to the network)")
-        if value.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("dashboard.host = %r: the dashboard is reachable from other machines", value)
-        return value
+        return _listen_host(value, "dashboard.host")
 
     @field_validator("verdict_file")
     @classmethod
@@ -345,13 +430,15 @@ def parse_config(data: dict[str, Any], *, base: Path | None = None, plugin_kinds
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     sources = {
-        name: s.model_copy(update={"path": base / s.path}) if isinstance(s, FolderSourceConfig) else s
+        name: s.model_copy(update={"path": base / s.path}) if isinstance(s, FolderSourceConfig)
+        else _curve_resolved(s, base) if isinstance(s, ZmqSourceConfig) else s
         for name, s in config.sources.items()
     }
     profile = config.profile
     if ("/" in profile or profile.startswith(".")) and not Path(profile).is_absolute():
         profile = str(base / profile)
-    update: dict[str, Any] = {"data_dir": base / config.data_dir, "sources": sources, "profile": profile}
+    update: dict[str, Any] = {"data_dir": base / config.data_dir, "sources": sources, "profile": profile,
+                              "events": _curve_resolved(config.events, base)}
     if config.calibration is not None:
         update["calibration"] = base / config.calibration
     if config.archive.root is not None:
@@ -380,3 +467,57 @@ def load_config(path: str | Path | None) -> Config:
         return parse_config(data, base=path.resolve().parent)
     except ConfigError as err:
         raise ConfigError("\n".join(f"{path}: {line}" for line in str(err).splitlines())) from None
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why a watched folder cannot be watched, naming its absolute path; ``None`` when it can."""
+    absolute = Path(os.path.abspath(path))
+    if not absolute.exists():
+        return f"{absolute}: no such folder (watched folders are never created: create it, or fix the path)"
+    if not absolute.is_dir():
+        return f"{absolute}: not a folder"
+    if not os.access(absolute, os.R_OK | os.X_OK):
+        return f"{absolute}: cannot be read (permission denied)"
+    return None
+
+
+def validate_config(config: Config, *, where: Callable[[str], str] = str) -> Config:
+    """Check what a run needs beyond the schema; raise `ConfigError` with one line per problem.
+
+    The profile must resolve (an installed name or a profile directory) with every model file
+    matching its manifest's sha256, every folder source's folder must exist (the daemon never
+    creates one: a typo must not become an empty folder watched for weeks), and every plugin source
+    kind must load. ``latticewatch run`` and ``check-config`` both call this, before anything
+    starts; ``where(key)`` says where a key was set (``"lw.toml: profile"``, ``"--watch"``).
+
+    Examples
+    --------
+    >>> config = parse_config({"sources": {"cam": {"kind": "folder", "path": "/no/such"}}}, plugin_kinds=set())
+    >>> validate_config(config, where=lambda key: f"lw.toml: {key}")
+    Traceback (most recent call last):
+    ...
+    latticewatch.errors.ConfigError: lw.toml: sources.cam.path: /no/such: no such folder (watched folders are ...
+    """
+    from latticewatch.runtime.plugins import resolve_profile
+    from latticewatch.sources.base import discover_sources
+
+    problems: list[str] = []
+    try:
+        resolve_profile(config.profile)
+    except (LatticewatchError, OSError) as err:
+        problems.append(f"{where('profile')}: {err}")
+    plugins = None
+    for name, source in config.sources.items():
+        if isinstance(source, FolderSourceConfig):
+            problem = _folder_problem(source.path)
+            if problem:
+                problems.append(f"{where(f'sources.{name}.path')}: {problem}")
+        elif isinstance(source, PluginSourceConfig):
+            plugins = plugins if plugins is not None else discover_sources()
+            plugin = plugins.get(source.kind)
+            if plugin is None or plugin.factory is None:
+                why = plugin.error if plugin else "not installed"
+                problems.append(f"{where(f'sources.{name}.kind')}: source plugin {source.kind!r} is unusable: {why}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config

@@ -160,3 +160,4 @@ class Rejected:
     origin: str
     problem: str
     payload: bytes | None = None  # raw stream message, kept in quarantine; None for files (left in place)
+    pixels: np.ndarray | None = None  # decoded but refused (non-finite values): the archive keeps them whole

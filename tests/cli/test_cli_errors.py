@@ -140,6 +140,7 @@ def test_every_profile_option_has_the_same_default():
                 for action in parser._actions if action.dest == "profile"}
     assert defaults[("sort",)] == DEFAULT_PROFILE
     assert defaults.pop(("run",)) is None  # run: the config's profile unless given
+    assert defaults.pop(("check-config",)) is None  # as run
     assert set(defaults.values()) == {DEFAULT_PROFILE} and len(defaults) >= 8
 
 

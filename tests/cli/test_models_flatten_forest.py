@@ -14,12 +14,16 @@ from latticewatch_nanoparticles import profile_dir
 
 
 def _skops_only_profile(tmp_path):
-    """The shipped profile as it was before the arrays: no forest.safetensors, no ``classifier.arrays``."""
+    """The shipped profile's forest (its baseline classifier) as profiles were before the arrays: the forest is
+    the classifier, with no forest.safetensors and no ``classifier.arrays``."""
     out = tmp_path / "old-profile"
     shutil.copytree(profile_dir, out, ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
 
     def drop_arrays(m):
+        m["classifier"] = m.pop("baseline_classifier")
         del m["classifier"]["arrays"], m["classifier"]["kind"], m["files"]["forest.safetensors"]
+        for name in ("cnn.onnx", "cnn.safetensors"):
+            del m["files"][name]
 
     update_manifest(out, drop_arrays)
     (out / "forest.safetensors").unlink()
@@ -44,7 +48,7 @@ def test_flatten_forest_adds_the_arrays_the_analyser_then_loads(tmp_path, capsys
     assert "no flattened arrays" not in caplog.text
     assert flattened.model_ids["classifier"].startswith("forest.safetensors:")
     frame = Frame("f", generate_frame(np.random.default_rng(5), (256, 256), 0.05).image, 0.05)
-    shipped = Analyser("nanoparticles", threads=1)
+    shipped = Analyser("nanoparticles", threads=1, classifier="baseline")
     got = [(r.label, r.probabilities) for r in flattened.analyse(frame).regions]
     assert got and got == [(r.label, r.probabilities) for r in shipped.analyse(frame).regions]
 
@@ -54,7 +58,7 @@ def test_flatten_forest_refuses_a_profile_without_a_forest(tmp_path, capsys):
     shutil.copytree(profile_dir, out, ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
 
     def drop_classifier(m):
-        del m["classifier"], m["files"]["forest.safetensors"], m["files"]["forest.skops"]
+        del m["classifier"], m["baseline_classifier"], m["files"]["forest.safetensors"], m["files"]["forest.skops"]
 
     update_manifest(out, drop_classifier)
     for forest in out.glob("forest.*"):

@@ -90,33 +90,34 @@ def test_shipped_manifests_record_no_machine_paths(plugin):
 
 def test_classifier_section_is_a_forest_or_a_cnn_and_old_manifests_read_as_forest(tmp_path):
     raw = json.loads((PROFILE_DIR / "manifest.json").read_text())
-    old = {k: v for k, v in raw["classifier"].items() if k not in ("kind", "arrays", "uncertain_below",
-                                                                     "defect_confusion")}
+    # the shipped forest (its baseline beside the CNN) as manifests held it before classifier kinds
+    old = {k: v for k, v in raw["baseline_classifier"].items() if k not in ("kind", "arrays", "uncertain_below",
+                                                                              "defect_confusion")}
     assert Manifest.model_validate({**raw, "classifier": old}).classifier.kind == "forest"  # written before kinds
     with pytest.raises(ValidationError, match="needs 'arrays'"):
         Manifest.model_validate({**raw, "classifier": {**old, "skops": None}})
-    cnn = {"kind": "cnn", "onnx": "cnn.onnx", "input": {"size_px": 64}, "uncertain_below": 0.55,
+    cnn = {"kind": "cnn", "onnx": "other.onnx", "input": {"size_px": 64}, "uncertain_below": 0.55,
            "defect_confusion": {"true_stacking_fault": [40, 5], "true_no_stacking_fault": [3, 52]}}
-    with pytest.raises(ValidationError, match=r"\['cnn.onnx'\] are used but have no sha256"):
+    with pytest.raises(ValidationError, match=r"\['other.onnx'\] are used but have no sha256"):
         Manifest.model_validate({**raw, "classifier": cnn})
-    raw["files"]["cnn.onnx"] = "0" * 64
+    raw["files"]["other.onnx"] = "0" * 64
     manifest = Manifest.model_validate({**raw, "classifier": cnn})
     clf = manifest.classifier
     assert clf.input.size_px == 64 and clf.defect_confusion.true_stacking_fault == (40, 5, 0)  # 2 columns read as 3
-    assert clf.model_files == ("cnn.onnx",)
+    assert clf.model_files == ("other.onnx",)
     with pytest.raises(ValidationError, match="'forest', 'cnn'"):
         Manifest.model_validate({**raw, "classifier": {**cnn, "kind": "svm"}})
     with pytest.raises(ValidationError, match="features"):
         Manifest.model_validate({**raw, "classifier": {**cnn, "features": ["fft_mean"]}})  # a forest's key
 
     out = copy_of_profile(tmp_path)
-    with pytest.raises(ManifestError, match=r"(?s)invalid.*\['cnn.onnx'\] are used but have no sha256"):
+    with pytest.raises(ManifestError, match=r"(?s)invalid.*\['other.onnx'\] are used but have no sha256"):
         update_manifest(out, lambda m: m.update(classifier=cnn))
-    shutil.copy(Path(__file__).parents[1] / "fixtures" / "random_cnn.onnx", out / "cnn.onnx")
+    shutil.copy(Path(__file__).parents[1] / "fixtures" / "random_cnn.onnx", out / "other.onnx")
 
     def to_cnn(m):
         m["classifier"] = cnn
-        m["files"]["cnn.onnx"] = sha256_of(out / "cnn.onnx")
+        m["files"]["other.onnx"] = sha256_of(out / "other.onnx")
 
     assert update_manifest(out, to_cnn).classifier.kind == "cnn"
     written = json.loads((out / MANIFEST_NAME).read_text())["classifier"]

@@ -97,10 +97,12 @@ def test_the_forest_sees_its_own_normalisation_whatever_the_network_uses(tmp_pat
     copy = tmp_path / "profile"
     shutil.copytree(analyser.directory, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["classifier"] = manifest["baseline_classifier"]  # the shipped forest, kept beside the CNN
     assert manifest["classifier"]["normalisation"] == "max" != manifest["segmentation"]["normalisation"]
     manifest["segmentation"]["normalisation"] = "percentile"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     other = Analyser(copy, threads=1)
+    analyser = Analyser(analyser.directory, threads=1, classifier="baseline")
     frame = Frame("t:1", sample.image, 0.025)
     ours, theirs = analyser.prepare(frame), other.prepare(frame)
     assert not np.allclose(ours.pre.image, theirs.pre.image)  # the networks see different images

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latticewatch.errors import ModelError
 from latticewatch.frame import CLASSES, UNCERTAIN, Frame
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
 from latticewatch.models.manifest import read_manifest, sha256_of, update_manifest
@@ -37,13 +38,21 @@ def copy_profile(tmp_path: Path) -> Path:
     return out
 
 
-def test_shipped_forest_is_loaded_from_its_arrays(frame):
-    analyser = Analyser("nanoparticles", threads=1)
-    digest = read_manifest(profile_dir).files["forest.safetensors"]
-    assert analyser.model_ids["classifier"] == f"forest.safetensors:{digest[:12]}"
-    analysis = analyser.analyse(frame)
-    assert analysis.regions and all(r.label in CLASSES for r in analysis.regions)
-    assert all(sum(r.probabilities.values()) == pytest.approx(1.0) for r in analysis.regions)
+def test_shipped_cnn_and_its_baseline_forest_load_from_onnx_and_arrays(frame):
+    files = read_manifest(profile_dir).files
+    for choice, name in (("profile", "cnn.onnx"), ("baseline", "forest.safetensors")):
+        analyser = Analyser("nanoparticles", threads=1, classifier=choice)
+        assert analyser.model_ids["classifier"] == f"{name}:{files[name][:12]}"
+        analysis = analyser.analyse(frame)
+        assert analysis.regions and all(r.label in (*CLASSES, UNCERTAIN) for r in analysis.regions)
+        assert all(sum(r.probabilities.values()) == pytest.approx(1.0) for r in analysis.regions)
+
+
+def test_a_profile_without_a_baseline_refuses_to_use_one(tmp_path):
+    out = copy_profile(tmp_path)
+    update_manifest(out, lambda m: m.pop("baseline_classifier"))
+    with pytest.raises(ModelError, match="has no baseline_classifier"):
+        Analyser(out, threads=1, classifier="baseline")
 
 
 def test_process_imports_no_training_stack(tmp_path, frame):
@@ -67,12 +76,12 @@ def test_process_imports_no_training_stack(tmp_path, frame):
 @pytest.fixture(scope="module")
 def cnn_profile(tmp_path_factory):
     out = copy_profile(tmp_path_factory.mktemp("cnn"))
-    shutil.copy(RANDOM_CNN, out / "cnn.onnx")
+    shutil.copy(RANDOM_CNN, out / "random_cnn.onnx")
 
     def to_cnn(m):
-        m["files"]["cnn.onnx"] = sha256_of(out / "cnn.onnx")
-        m["classifier"] = {"kind": "cnn", "onnx": "cnn.onnx", "classes": list(CLASSES), "input": {"size_px": 32},
-                           "uncertain_below": 0.43}
+        m["files"]["random_cnn.onnx"] = sha256_of(out / "random_cnn.onnx")
+        m["classifier"] = {"kind": "cnn", "onnx": "random_cnn.onnx", "classes": list(CLASSES),
+                           "input": {"size_px": 32}, "uncertain_below": 0.43}
 
     update_manifest(out, to_cnn)
     return out
@@ -80,7 +89,7 @@ def cnn_profile(tmp_path_factory):
 
 def test_cnn_profile_classifies_crops_of_the_model_input(cnn_profile, frame):
     analyser = Analyser(cnn_profile, threads=1)
-    assert analyser.model_ids["classifier"].startswith("cnn.onnx:")
+    assert analyser.model_ids["classifier"].startswith("random_cnn.onnx:")
     prepared = analyser.prepare(frame)
     probability = analyser.segment_batch([prepared])[0]
     # the CNN's verdicts, computed here from the same model input and regions
@@ -100,7 +109,8 @@ def test_cnn_profile_classifies_crops_of_the_model_input(cnn_profile, frame):
 def test_profile_without_arrays_loads_its_skops_forest_and_says_so(tmp_path, frame, caplog):
     out = copy_profile(tmp_path)
 
-    def drop_arrays(m):
+    def drop_arrays(m):  # the shipped baseline forest as the classifier of a profile written before the arrays
+        m["classifier"] = m.pop("baseline_classifier")
         del m["classifier"]["arrays"], m["classifier"]["kind"], m["files"]["forest.safetensors"]
 
     update_manifest(out, drop_arrays)
@@ -109,6 +119,6 @@ def test_profile_without_arrays_loads_its_skops_forest_and_says_so(tmp_path, fra
         old = Analyser(out, threads=1)
     assert "no flattened arrays" in caplog.text
     assert old.model_ids["classifier"].startswith("forest.skops:")
-    new = Analyser("nanoparticles", threads=1)
+    new = Analyser("nanoparticles", threads=1, classifier="baseline")
     assert [(r.label, r.probabilities) for r in old.analyse(frame).regions] == \
         [(r.label, r.probabilities) for r in new.analyse(frame).regions]

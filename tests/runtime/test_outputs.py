@@ -7,6 +7,7 @@ Schemas, scrape its /metrics, ask a real Prometheus (Debian's package) about the
 when the binary is installed, and replay its durable log with `latticewatch events`.
 """
 
+import itertools
 import json
 import math
 import shutil
@@ -25,8 +26,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from latticewatch.schemas import SCHEMAS, load_schema
-from latticewatch.testing.replay import SerialEMStack
-from latticewatch.testing.synthetic.frames import generate_frame
+from latticewatch.stages.defect_fraction import DefectConfusion, estimate_defect_fraction
+from latticewatch.testing.replay import SHIPPED_FRAMES, SerialEMStack, labelled_frames
 from waiting import wait_until
 
 N_FRAMES = 6
@@ -79,10 +80,11 @@ def daemon(tmp_path_factory):
         wait_until(lambda: (receive(), any(m[0] == b"latticewatch.status" for m in messages))[1], 120,
                    "the first status event")
         (incoming / "broken.mrc").write_bytes(b"MRC? no." * 200)
-        rng = np.random.default_rng(12)  # frames the shipped profile reads as 4 faulted + 3 clean oriented particles
+        # the demo's labelled abTEM frames: the shipped profile finds faulted and clean oriented particles in them
+        _, labelled = labelled_frames(SHIPPED_FRAMES)
         stack = SerialEMStack(incoming / "grid1.mrc", pixel_size_nm=0.05)
-        for _ in range(N_FRAMES):
-            stack.append(generate_frame(rng, (256, 256), 0.05).image.astype(np.float32))
+        for frame, _ in itertools.islice(labelled, N_FRAMES):
+            stack.append(frame.pixels.astype(np.float32), {"PixelSpacing": frame.pixel_size_nm * 10})
 
         def done():
             receive()
@@ -153,9 +155,12 @@ def frame_events(daemon):
 
 
 def expected_defect_fraction(frames):
+    """The rolling estimate: the pooled counts corrected with the profile's confusion (carried by each event)."""
     faults = sum(f["class_counts"]["stacking_fault"] for f in frames)
-    oriented = faults + sum(f["class_counts"]["no_stacking_fault"] for f in frames)
-    return faults / oriented if oriented else math.nan
+    clean = sum(f["class_counts"]["no_stacking_fault"] for f in frames)
+    confusion = frames[0]["defect_confusion"] and DefectConfusion.model_validate(frames[0]["defect_confusion"])
+    estimate = estimate_defect_fraction(faults, clean, confusion).estimate
+    return math.nan if estimate is None else estimate
 
 
 def same(a, b):
@@ -184,7 +189,7 @@ def test_metrics_scraped_over_http_match_what_was_sent(daemon):
     last = frames[-1]["defect_fraction"]
     assert same(m[("latticewatch_defect_fraction", ())], math.nan if last is None else last)
     assert m[("latticewatch_budget_overruns_total", ())] == sum(f["runner"]["overrun"] for f in frames)
-    assert m[("latticewatch_archive_raw_bytes_total", ())] == N_FRAMES * 256 * 256 * 4
+    assert m[("latticewatch_archive_raw_bytes_total", ())] == N_FRAMES * 320 * 320 * 4  # float32 320² frames
     assert m[("latticewatch_archive_compression_ratio", ())] == pytest.approx(
         m[("latticewatch_archive_raw_bytes_total", ())] / m[("latticewatch_archive_stored_bytes_total", ())])
     assert m[("latticewatch_queue_depth", (("queue", "prepare"),))] == 0
@@ -217,7 +222,7 @@ def test_a_real_prometheus_scrapes_the_daemon_and_answers_promql_about_defect_fr
 
     try:
         expected = expected_defect_fraction(frame_events(daemon))
-        assert 0 < expected < 1  # the seeded frames hold faulted and clean particles: a real number to ask about
+        assert 0 < expected < 1  # the frames hold faulted and clean particles: a real number to ask about
         result = wait_until(lambda: query('latticewatch_defect_fraction_rolling{job="latticewatch"}'), 60,
                             "Prometheus's first scrape")
         assert float(result[0]["value"][1]) == pytest.approx(expected, rel=1e-9)

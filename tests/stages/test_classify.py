@@ -79,7 +79,7 @@ def test_inconsistent_or_foreign_arrays_are_refused(tmp_path, forest):
 
 
 def test_shipped_forest_arrays_equal_the_skops_forest_bit_for_bit():
-    clf = read_manifest(profile_dir).classifier
+    clf = read_manifest(profile_dir).baseline_classifier  # the paper's forest, kept beside the CNN
     assert clf.kind == "forest" and clf.arrays == "forest.safetensors" and clf.skops == "forest.skops"
     flat, forest = FlatForest.load(profile_dir / clf.arrays), load_forest(profile_dir / clf.skops)
     rng = np.random.default_rng(4)

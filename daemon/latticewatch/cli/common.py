@@ -83,7 +83,7 @@ def open_batch(args: argparse.Namespace, desc: str = "files") -> tuple[Analyser,
     from latticewatch.runtime.analyser import Analyser
     from latticewatch.runtime.batch import Batch
 
-    analyser = Analyser(args.profile, threads=args.threads)
+    analyser = Analyser(args.profile, threads=args.threads, classifier=args.classifier)
     batch = Batch(permissive=args.permissive, calibration=args.calibration, on_failure=report_failure,
                   progress=progress_enabled(), desc=desc)
     return analyser, batch
@@ -162,6 +162,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (``run --status-interval``, where 0 turns something off)."""
+    value = _number(text, float, "a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (counts: ``--repeats``, ``--frames``)."""
     value = _number(text, int, "a whole number")
@@ -187,6 +195,9 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=Path, default=None, metavar="TOML",
                    help="instrument calibration (magnification → pixel size) for frames whose files carry no "
                    "pixel size")
+    p.add_argument("--classifier", choices=("profile", "baseline"), default="profile",
+                   help="the profile's classifier, or the baseline kept beside it (the paper's forest beside the "
+                   "CNN in nanoparticles) (default: %(default)s)")
     add_threads(p)
 
 

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from latticewatch.cli.common import (
-    DEFAULT_PROFILE,
     EXIT_OK,
     EXIT_SOME_FAILED,
     add_profile,
     error,
     frame_side,
+    non_negative_float,
     positive_float,
 )
+from latticewatch.cli.overrides import add_output_overrides, add_run_overrides, load_run_config, with_overrides
 from latticewatch.errors import ConfigError, StateError
 
 if TYPE_CHECKING:  # the parser is built for every command; the config models only to run one
@@ -33,15 +36,6 @@ if TYPE_CHECKING:  # the parser is built for every command; the config models on
 #: What ``events --topic`` accepts (``latticewatch.`` prefix optional): the event types, and
 #: ``defect`` for particles labelled stacking_fault.
 EVENT_TOPICS = ("frame", "particle", "defect", "error", "warning")
-
-#: Options that override one config key each without editing the TOML: dest → (table, key).
-CONFIG_OVERRIDES: dict[str, tuple[str | None, str]] = {
-    "profile": (None, "profile"),
-    "data_dir": (None, "data_dir"),
-    "events_address": ("events", "address"),
-    "metrics_port": ("metrics", "port"),
-    "dashboard_port": ("dashboard", "port"),
-}
 
 #: The demo's folder source and the SerialEM stack it replays into: frame ids are ``demo:demo.mrc#<section>``.
 DEMO_SOURCE, DEMO_STACK = "demo", "demo.mrc"
@@ -78,64 +72,25 @@ def demo_frames_arg(text: str) -> str:
     return text
 
 
-def add_output_overrides(p: argparse.ArgumentParser) -> None:
-    """The config keys of the live outputs, settable on the command line (`CONFIG_OVERRIDES`)."""
-    g = p.add_argument_group("outputs (override the config)")
-    g.add_argument("--events-address", metavar="ENDPOINT",
-                   help="[events] address: ZeroMQ PUB endpoint (default: from the config, tcp://127.0.0.1:5557)")
-    g.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="[metrics] port of the Prometheus /metrics page (default: from the config, 9108)")
-    g.add_argument("--dashboard-port", type=int, metavar="PORT",
-                   help="[dashboard] port of the live page; 0 = any free port (default: from the config, 8088)")
+def _watching(config: Config) -> str:
+    """What a daemon watches, one source per line: the folder's absolute path or the stream's address."""
+    from latticewatch.config import FolderSourceConfig, ZmqSourceConfig
 
-
-def with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """``config`` with the keys given on the command line (`CONFIG_OVERRIDES`), each validated.
-
-    Raises
-    ------
-    ConfigError
-        Naming the option and the config key when a value is not allowed there.
-
-    Examples
-    --------
-    >>> from latticewatch.config import parse_config
-    >>> args = argparse.Namespace(metrics_port=9200, dashboard_port=0)
-    >>> config = with_overrides(parse_config({}, plugin_kinds=set()), args)
-    >>> config.metrics.port, config.dashboard.port, config.profile
-    (9200, 0, 'nanoparticles')
-    """
-    from pydantic import ValidationError
-
-    top: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {}
-    for dest, (table, key) in CONFIG_OVERRIDES.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            (tables.setdefault(table, {}) if table else top)[key] = value
-    for table, values in tables.items():
-        section = getattr(config, table)
-        try:
-            top[table] = type(section).model_validate({**section.model_dump(), **values})
-        except ValidationError as err:
-            problem = err.errors()[0]
-            key = ".".join(map(str, problem["loc"]))
-            raise ConfigError(f"--{table}-{key.replace('_', '-')}: {table}.{key}: "
-                              f"{problem['msg'].removeprefix('Value error, ')}") from None
-    return config.model_copy(update=top)
-
-
-def _run(config: Config, stop: threading.Event) -> int:
-    from latticewatch.runtime.daemon import run_daemon
-
-    stats = run_daemon(config, stop)
-    print(json.dumps(stats.as_dict(), indent=2), file=sys.stderr)
-    return EXIT_OK
+    lines = []
+    for name, s in config.sources.items():
+        if isinstance(s, FolderSourceConfig):
+            what = f"{os.path.abspath(s.path)} (folder{', polling' if s.polling else ''})"
+        elif isinstance(s, ZmqSourceConfig):
+            what = f"{s.address} (ZeroMQ {s.socket}, {'binds' if s.bind else 'connects'})"
+        else:
+            what = f"{s.kind} (source plugin)"
+        lines.append(f"  {name + ':':<10} {what}")
+    return "\n".join(lines)
 
 
 def _where(config: Config) -> str:
     """Where a running daemon's outputs can be reached, one per line."""
-    lines = [f"  events:    {config.state_dir / 'events.jsonl'} (durable log)"]
+    lines = [f"  events:    {os.path.abspath(config.state_dir / 'events.jsonl')} (durable log)"]
     if config.events.enabled:
         lines.append(f"             {config.events.address} (ZeroMQ PUB, topics latticewatch.*)")
     if config.metrics.enabled:
@@ -146,26 +101,31 @@ def _where(config: Config) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from latticewatch.config import load_config
-
-    config = load_config(args.config)
-    print(f"{args.config}: ok")
+    config = load_run_config(args)
+    print(f"{args.config if args.config is not None else 'the defaults'}: ok")
     print(json.dumps(config.model_dump(mode="json"), indent=2))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from latticewatch.config import load_config
-    from latticewatch.runtime.daemon import stop_on_signals
+    from latticewatch.runtime import progress
+    from latticewatch.runtime.daemon import run_daemon, stop_on_signals
 
-    if args.data_dir is not None:
-        args.data_dir = args.data_dir.resolve()  # relative to where the command runs, not to the config file
-    config = with_overrides(load_config(args.config), args)
+    config = load_run_config(args)  # before the banner: a run that cannot start says why, and nothing else
     stop = threading.Event()
     stop_on_signals(stop)
-    print(f"latticewatch: watching {', '.join(config.sources)} (Ctrl-C stops)\n{_where(config)}", file=sys.stderr,
-          flush=True)
-    return _run(config, stop)
+    archive = os.path.abspath(config.archive_root) if config.archive.enabled else "off"
+    print(f"latticewatch: profile {config.profile}, watching (Ctrl-C stops)\n{_watching(config)}\n{_where(config)}\n"
+          f"  archive:   {archive}", file=sys.stderr, flush=True)
+    # the status lines show at the default verbosity; the per-frame lines at -v
+    logging.getLogger(progress.__name__).setLevel(logging.INFO)
+    reporter = progress.ProgressReporter(per_frame=args.verbose >= 1, interval_s=args.status_interval)
+    try:
+        stats = run_daemon(config, stop, sinks=[reporter], reload=lambda: load_run_config(args))  # on SIGHUP
+    finally:
+        reporter.close()
+    print(json.dumps(stats.as_dict(), indent=2), file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,18 +237,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from latticewatch.config import load_config
-    from latticewatch.runtime.eventlog import read_log
+    from latticewatch.runtime.eventlog import read_log, rotated_files
 
     state = args.state if args.state is not None else load_config(args.config).state_dir
     path = Path(state) / "events.jsonl"
-    if not path.exists():
+    if not path.exists() and not rotated_files(path):
         raise StateError(f"no event log at {path}")
     try:
-        for line in read_log(path, since=args.since, types=args.topic or ()):
+        for line in read_log(path, since=args.since, types=args.topic or (), follow=args.follow):
             sys.stdout.write(line)
+            if args.follow:  # a pipe reader sees each event as it comes
+                sys.stdout.flush()
     except KeyError as err:  # an id the log does not hold: nothing to replay after it
         error(err.args[0])
         return EXIT_SOME_FAILED
+    except KeyboardInterrupt:  # how --follow ends
+        pass
     sys.stdout.flush()
     return EXIT_OK
 
@@ -298,22 +262,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the daemon (folder watching, ZeroMQ streams)",
                        description="Watch the configured sources and analyse every frame exactly once; the ledger, "
                        "event log, spool and quarantine live in <data_dir>/state. SIGINT/SIGTERM finish the frames in "
-                       "flight and stop. Without --config: watch ./incoming, data in ./latticewatch-data. The options "
-                       "below override the config's keys of the same name.")
+                       "flight and stop. Without --config: watch ./incoming, data in ./latticewatch-data. Precedence: "
+                       "command line > config file > defaults (the options below override the config's keys). Before "
+                       "anything starts, the config is checked as check-config does: the profile must verify and every "
+                       "watched folder exist (it is never created). Progress goes to stderr: a status line every 10 s "
+                       "while frames arrive, and a line per frame with latticewatch -v run.")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML config, see the README (default: none, all defaults)")
-    p.add_argument("--profile", default=None,
-                   help=f"profile = installed profile name or directory (default: from the config, {DEFAULT_PROFILE})")
-    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                   help="data_dir = where state and archive go, relative to the current folder "
-                   "(default: from the config, ./latticewatch-data)")
-    add_output_overrides(p)
+    add_run_overrides(p)
+    p.add_argument("--status-interval", type=non_negative_float, default=None, metavar="S",
+                   help="seconds between status lines on stderr while frames arrive or wait; 0 = none (default: 10)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config file without starting",
-                       description="Validate a TOML config; print the effective config (defaults filled in) or "
-                       "every problem.")
-    p.add_argument("config", type=Path, metavar="FILE", help="the TOML config")
+    p = sub.add_parser("check-config", help="validate a config file as run would, without starting",
+                       description="Validate a TOML config and the options over it exactly as run does (schema, "
+                       "profile and its model files, watched folders, source plugins); print the effective config "
+                       "(defaults filled in) or every problem, naming the file and key.")
+    p.add_argument("config", type=Path, nargs="?", default=None, metavar="FILE",
+                   help="the TOML config (default: none, the defaults run uses without --config)")
+    add_run_overrides(p)
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="daemon + SerialEM-style replay of labelled frames in a temporary folder",
@@ -375,14 +342,19 @@ def _register_replay_and_events(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("events", help="replay the durable event log (JSON lines) since a time or an event id",
-                       description="Print the events of <state>/events.jsonl as JSON lines, exactly as logged: all, or "
+                       description="Print the events of <state>/events.jsonl and its rotated files "
+                       "(events.jsonl.000001[.gz] …, oldest first) as JSON lines, exactly as logged: all, or "
                        "those after an event id, or those rendered at or after an ISO 8601 time (UTC when no zone is "
-                       "given). For a dashboard that restarts or a subscriber that joined late. Exit code 1 if the "
-                       "event id is not in the log.")
+                       "given); with --follow, then every event appended, across rotations, until Ctrl-C. For a "
+                       "dashboard that restarts or a subscriber that joined late. Exit code 1 if the event id is not "
+                       "in the log (the message says when retention removed older events); a time older than what "
+                       "retention kept is a warning.")
     p.add_argument("--since", default=None, metavar="TIME|ID",
                    help="ISO 8601 time (e.g. 2024-06-01T10:00:00Z) or event id (default: from the start)")
     p.add_argument("--topic", type=topic_arg, action="append", metavar="TOPIC",
                    help=f"{', '.join(EVENT_TOPICS)} (latticewatch.* accepted); repeatable (default: all)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing events as they are appended, across rotations, until Ctrl-C (like tail -F)")
     p.add_argument("--state", type=Path, default=None, metavar="DIR", help="state directory (default: from --config)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="TOML config whose state directory to read (default: none, ./latticewatch-data/state)")

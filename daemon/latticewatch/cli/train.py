@@ -221,6 +221,9 @@ def _add_cnn_arguments(p: argparse.ArgumentParser) -> None:
                    help="window side at the profile's pixel size (default: %(default)s)")
     g.add_argument("--shift", type=int, default=6, metavar="PX",
                    help="largest random shift of the window in training (default: %(default)s)")
+    g.add_argument("--noise-crops", type=int, default=0, metavar="N",
+                   help="add N lattice-free noise crops (white, smoothed, low-count, gradients, flat) of class "
+                   "empty to the training images, so that blobs of noise are not called particles (default: 0)")
     g.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of source images for validation (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=200,
@@ -412,7 +415,7 @@ def _train_cnn_command(args: argparse.Namespace) -> int:
         spec=CropSpec(size_px=args.crop_size), steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         eval_every=args.eval_every, shift_px=args.shift, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, target_accuracy=args.target_accuracy, min_coverage=args.min_coverage,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, noise_crops=args.noise_crops,
     )
     manifest = read_manifest(args.out)
     if args.crops is not None:

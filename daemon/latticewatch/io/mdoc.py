@@ -6,16 +6,22 @@ section per image of the stack (plus ``[T = ...]`` title lines and, in newer ver
 SerialEM rewrites the whole file after each image (the previous version is renamed to
 ``<name>.mdoc~``), so a reader can briefly see no file or a partial one; `parse_mdoc` therefore
 never fails on a cut-off last line, and the folder source decides when a section is complete.
+
+`read_mdoc` refuses files above `MAX_MDOC_BYTES` before reading them (a SerialEM mdoc holds about
+1 KB per image, so the limit is thousands of images; a 64 MB "mdoc" is not one and would stall
+whoever parses it), and `no_sections_problem` says why a complete mdoc is unusable.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from latticewatch.errors import InputError
 from latticewatch.io.jsonio import parse_timestamp
 
 log = logging.getLogger(__name__)
@@ -23,6 +29,8 @@ log = logging.getLogger(__name__)
 _SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]\s*$")
 #: SerialEM writes two-digit years before 3.7 and four-digit ones after; both occur in archives.
 _DATETIME_FORMATS = ("%d-%b-%y %H:%M:%S", "%d-%b-%Y %H:%M:%S")
+#: Largest mdoc read; larger files are refused with `MdocError` without being read.
+MAX_MDOC_BYTES = 8 * 2**20
 #: The keys carried into frame metadata, with how each value is parsed.
 _FLOAT_KEYS = ("PixelSpacing", "Magnification", "Defocus", "ExposureDose", "TiltAngle", "TimeStamp")
 
@@ -68,6 +76,51 @@ def parse_mdoc(text: str) -> Mdoc:
         if sep:
             current[key.strip()] = value.strip()
     return Mdoc(globals_, sections, complete_last_line=text.endswith("\n") or not text)
+
+
+class MdocError(InputError):
+    """An mdoc that cannot be used (too large, or no image section); the message names it and why."""
+
+
+def read_mdoc(path: str | os.PathLike[str]) -> Mdoc:
+    """Read and parse an mdoc, refusing one above `MAX_MDOC_BYTES` without reading it.
+
+    Undecodable bytes become U+FFFD: a key SerialEM wrote is ASCII, the rest is kept as text.
+
+    Raises
+    ------
+    FileNotFoundError
+        It is not there (SerialEM renames the old one before writing the new one).
+    MdocError
+        It is larger than `MAX_MDOC_BYTES`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.mrc.mdoc")
+    >>> _ = open(path, "w").write("PixelSpacing = 1.5\\n[ZValue = 0]\\n")
+    >>> read_mdoc(path).last_z
+    0
+    """
+    size = os.stat(path).st_size
+    if size > MAX_MDOC_BYTES:
+        raise MdocError(f"{os.fsdecode(path)}: {size} bytes is not an mdoc (at most {MAX_MDOC_BYTES} bytes are read); "
+                        "its stack is analysed without it")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return parse_mdoc(fh.read(MAX_MDOC_BYTES + 1))
+
+
+def no_sections_problem(doc: Mdoc, name: str) -> str | None:
+    """Why a complete (settled) mdoc cannot describe its stack, or None when it can.
+
+    Examples
+    --------
+    >>> no_sections_problem(parse_mdoc("garbage\\x00\\x01"), "a.mrc.mdoc")
+    'a.mrc.mdoc: no [ZValue = N] section (not a SerialEM mdoc?); its stack is analysed without it'
+    """
+    if doc.sections:
+        return None
+    return f"{name}: no [ZValue = N] section (not a SerialEM mdoc?); its stack is analysed without it"
 
 
 def _number(value: str) -> float | None:

@@ -153,6 +153,9 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(description="file name → sha256 of every model file")
     segmentation: SegmentationModel
     classifier: ClassifierModel | None = None
+    baseline_classifier: ClassifierModel | None = Field(
+        None, description="a second classifier kept to compare against (the paper's forest beside the CNN); "
+        "`--classifier baseline` analyses with it")
     isolation: IsolationParams = IsolationParams()
     archive: ArchiveRules = ArchiveRules()
     domain: DomainRules = Field(DomainRules(), description="when a frame is outside the model's domain (flagged, "
@@ -175,7 +178,9 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _used_files_listed(self) -> "Manifest":
         # every model file the pipeline opens is checked against its sha256 before use
-        used = {self.segmentation.onnx} | set(self.classifier.model_files if self.classifier else ())
+        used = {self.segmentation.onnx}
+        for section in (self.classifier, self.baseline_classifier):
+            used |= set(section.model_files if section else ())
         missing = used - self.files.keys()
         if missing:
             raise ValueError(f"files {sorted(missing)} are used but have no sha256 in 'files'")
@@ -226,8 +231,10 @@ def _verify_files(directory: Path, manifest: Manifest) -> None:
         file = directory / name
         if not file.is_file():
             raise ManifestError(f"{path}: listed file {name} is missing")
-        if sha256_of(file) != expected:
-            raise ManifestError(f"{file}: sha256 does not match the manifest; the model file was altered")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise ManifestError(f"{file}: sha256 {actual} does not match the manifest's {expected}; "
+                                "the model file was altered or damaged")
 
 
 def read_manifest(directory: Path, *, verify: bool = True) -> Manifest:

@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-from latticewatch.errors import FrameError
+from latticewatch.errors import FrameError, ModelError
 from latticewatch.frame import MIN_SIDE_PX, Analysis, Frame, Region
+from latticewatch.io.pixel_size import check_pixel_size, check_resampling
 from latticewatch.models.architectures import receptive_field
 from latticewatch.models.backends import SegmentationBackend
 from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
@@ -52,8 +54,18 @@ def nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.intp), n_in - 1)
 
 
-def validate_pixels(frame: Frame) -> None:
-    """Refuse frames the stages would turn into nonsense, naming the frame and the problem."""
+def validate_pixels(frame: Frame, model_pixel_size_nm: float | None = None) -> None:
+    """Refuse frames the stages would turn into nonsense, naming the frame and the problem.
+
+    The pixel size must pass `check_pixel_size`, and resampling the frame to ``model_pixel_size_nm``
+    must pass `check_resampling` (bounded enlargement and size), so no frame can take minutes or
+    gigabytes because of a wrong calibration. The message says where the size came from.
+
+    >>> validate_pixels(Frame("cam:a", np.zeros((64, 64), np.uint16), float("nan"), meta={"pixel_size_source": "mdoc"}))
+    Traceback (most recent call last):
+    ...
+    latticewatch.io.pixel_size.PixelSizeError: cam:a: pixel size (mdoc): nan nm per pixel is not a finite number
+    """
     px = frame.pixels
     if px.ndim != 2:
         raise FrameError(f"{frame.frame_id}: expected a 2-D image, got shape {px.shape}")
@@ -66,6 +78,11 @@ def validate_pixels(frame: Frame) -> None:
         bad = int(np.count_nonzero(~np.isfinite(px)))
         if bad:
             raise FrameError(f"{frame.frame_id}: {bad} NaN/Inf pixels")
+    if frame.pixel_size_nm is not None:
+        origin = frame.meta.get("pixel_size_source")
+        nm = check_pixel_size(frame.pixel_size_nm,
+                              where=f"{frame.frame_id}: pixel size" + (f" ({origin})" if origin else ""))
+        check_resampling(px.shape, nm, model_pixel_size_nm, where=frame.frame_id)
 
 
 def load_classifier(directory: Path, section: ClassifierModel | None, *, threads: int | None = None
@@ -116,6 +133,9 @@ class Analyser:
         Segmentation backend; default ONNX Runtime on the CPU.
     max_pixels
         Largest model-resolution image segmented in one run; larger ones are tiled.
+    classifier
+        ``"profile"``: the manifest's classifier; ``"baseline"``: its ``baseline_classifier`` (the
+        paper's forest kept beside the CNN), everything else unchanged.
 
     Examples
     --------
@@ -132,8 +152,13 @@ class Analyser:
         backend: SegmentationBackend | None = None,
         threads: int | None = None,
         max_pixels: int = 2048 * 2048,
+        classifier: Literal["profile", "baseline"] = "profile",
     ):
         self.directory, self.manifest = resolve_profile(str(profile))
+        if classifier == "baseline":
+            if self.manifest.baseline_classifier is None:
+                raise ModelError(f"{self.directory}: the profile has no baseline_classifier")
+            self.manifest = self.manifest.model_copy(update={"classifier": self.manifest.baseline_classifier})
         seg = self.manifest.segmentation
         self.backend = backend or OnnxRuntimeBackend(self.directory / seg.onnx, threads=threads)
         self.classifier, self._classifier_file = load_classifier(self.directory, self.manifest.classifier,
@@ -161,7 +186,7 @@ class Analyser:
 
     def prepare(self, frame: Frame) -> Prepared:
         """Validate and preprocess one frame (first phase of `analyse`); raises `FrameError`."""
-        validate_pixels(frame)
+        validate_pixels(frame, self.manifest.segmentation.pixel_size_nm)
         seg, clf = self.manifest.segmentation, self.manifest.classifier
         timings: dict[str, float] = {}
         warnings: list[str] = []

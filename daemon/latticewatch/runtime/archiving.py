@@ -9,6 +9,10 @@ or was queued when the process stopped stays "published, not archived" and is ar
 from its spool (streams), the quarantine, or by reading it again from its source (folders).
 Such frames are archived whole and lossless: their analysis was published but not kept.
 
+After a kill, before the backlog: the writer removes the temporaries killed writers left in the
+root's other (unlocked) sessions, and a backlog frame one of those sessions already holds (renamed
+into place just before the kill, unknown to the ledger) is marked archived, not written again.
+
 When the archive becomes unavailable (disk full, permission denied, read-only or failing
 storage) the sink publishes ONE error event, counts the outage, and keeps consuming: analysis
 and publishing go on, sources are never touched. The writer backs off; the sink retries when the
@@ -35,7 +39,7 @@ from latticewatch.runtime.ledger import Ledger
 from latticewatch.runtime.store import StateDir, entry_key
 from latticewatch.sinks.archive import ArchiveUnavailable, ArchiveWriter, UncertaintyRule
 from latticewatch.sinks.events import archive_error_event
-from latticewatch.sources.base import Source
+from latticewatch.sources.base import Source, printable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,8 @@ class ArchiveSink:
         ``archived`` (receipts), ``from_backlog`` (of which read again), ``queue_full`` (offers
         left to the backlog), ``outages`` (times the archive became unavailable; one error event
         each), ``failed`` (frames the writer refused for other reasons), ``lost`` (backlog frames
-        whose pixels were gone).
+        whose pixels were gone), ``already_archived`` (backlog frames found in a session an earlier,
+        killed run wrote just before the ledger heard of it: marked archived, not written again).
 
     Examples
     --------
@@ -110,7 +115,8 @@ class ArchiveSink:
         self.state = state
         self.calibrate = calibrate
         self.batch = queue_size
-        self.counters = dict.fromkeys(("archived", "from_backlog", "queue_full", "outages", "failed", "lost"), 0)
+        self.counters = dict.fromkeys(("archived", "from_backlog", "queue_full", "outages", "failed", "lost",
+                                       "already_archived"), 0)
         self._queue: queue.Queue = queue.Queue(queue_size)
         self._sources: Mapping[str, Source] = {}
         self._thread: threading.Thread | None = None
@@ -160,7 +166,19 @@ class ArchiveSink:
         except BaseException:  # the ledger or event log failed: the runner's own use of them stops the daemon
             log.critical("archive thread failed; archiving stopped (the ledger keeps the backlog)", exc_info=True)
 
+    def _adopt_earlier(self) -> None:
+        """Before the backlog: tidy killed sessions; a backlog frame one of them holds is archived already."""
+        held = self.writer.tidy_stale_sessions([frame_id for frame_id, _source in self.ledger.unarchived()])
+        for frame_id in held:
+            self.ledger.archived(frame_id)
+            self.state.unspool(entry_key(frame_id))
+        if held:
+            log.info("archive: %d frame(s) of the backlog were archived before the last stop; not archived again",
+                     len(held))
+        self.counters["already_archived"] += len(held)
+
     def _serve(self) -> None:
+        self._adopt_earlier()
         while True:
             try:
                 item = self._queue.get(timeout=IDLE_S)
@@ -203,7 +221,11 @@ class ArchiveSink:
                 frame = reread(frame_id) if reread is not None else None
                 frame = self.calibrate(frame) if frame is not None else None
             problem = "its pixels are no longer there"
-        except (FileNotFoundError, ReadError) as err:
+        except ReadError as err:  # pixels it refused to analyse (NaN …) are still archived whole
+            pixels = err.pixels
+            frame = None if pixels is None else Frame(frame_id, pixels, origin=printable(err.path))
+            problem = str(err)
+        except FileNotFoundError as err:
             frame, problem = None, str(err)
         except OSError as err:  # transient (NFS, a writer's lock on SMB): try again in the next run
             log.warning("archive: cannot read %s again now: %s", frame_id, err)
@@ -248,4 +270,5 @@ class ArchiveSink:
         problem = (f"not archived ({err.reason}): {err}; archiving is paused, analysis and publishing "
                    "continue, and it retries by itself and archives the frames it missed")
         event = archive_error_event(frame.frame_id, frame.origin, problem, reason=err.reason, retry_in_s=err.retry_in_s)
-        self.events.notify([event])
+        if self.ledger.new_notices([event.event_id]):  # the same frame may find the archive down after a restart
+            self.events.notify([event])

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS frames (
 );
 CREATE INDEX IF NOT EXISTS frames_state ON frames(state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS notices (event_id TEXT PRIMARY KEY, at REAL NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('events_end', 0);
 """
 
@@ -212,6 +213,29 @@ class Ledger:
         """Events not belonging to one frame's analysis (notices) are in the log, now this long."""
         with self._transaction() as db:
             db.execute("UPDATE meta SET value = ? WHERE key = 'events_end'", (events_end,))
+
+    def new_notices(self, event_ids: list[str]) -> list[str]:
+        """Claim notice event ids (warnings, archive errors); returns those never claimed before, in order.
+
+        Notices are not a frame's analysis, yet their ids are deterministic (``<frame>/pixel-size``)
+        and a restarted run can meet the same frame again: claiming them here keeps an id from
+        appearing twice in the log. The claim comes before the append, so a kill between the two
+        loses that notice rather than repeating it (a notice describes the running process).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.sqlite")
+        >>> ledger.new_notices(["a/pixel-size", "b/pixel-size"]), ledger.new_notices(["a/pixel-size"])
+        (['a/pixel-size', 'b/pixel-size'], [])
+        """
+        fresh = []
+        with self._transaction() as db:
+            for event_id in event_ids:
+                if db.execute("INSERT OR IGNORE INTO notices(event_id, at) VALUES (?, ?)",
+                              (event_id, time.time())).rowcount:
+                    fresh.append(event_id)
+        return fresh
 
     def archived(self, frame_id: str) -> bool:
         """The archive writer's receipt came back; False when the frame was archived already.

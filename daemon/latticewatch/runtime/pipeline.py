@@ -9,7 +9,9 @@ decide only which thread calls which phase.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from latticewatch.config import EventLogConfig
 from latticewatch.errors import FrameError
 from latticewatch.frame import Analysis, Frame, Rejected
 from latticewatch.runtime.analyser import Analyser, Prepared
@@ -37,7 +40,7 @@ from latticewatch.sinks.events import (
     pixel_size_warning,
     render,
 )
-from latticewatch.sources.base import Source
+from latticewatch.sources.base import Source, printable
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,19 @@ class Job:
     probability: np.ndarray | None = None
 
 
+def _printable(item: Frame | Rejected) -> Frame | Rejected:
+    """The item with an id, origin (and problem) that encode as UTF-8, whatever the source yielded.
+
+    Sources escape outside text themselves (`printable`); this keeps a plugin that does not from
+    putting a string the ledger, the event log and the archive cannot store into any of them.
+    """
+    fields = {"frame_id": item.frame_id, "origin": item.origin}
+    if isinstance(item, Rejected):
+        fields["problem"] = item.problem
+    safe = {name: printable(value) for name, value in fields.items()}
+    return item if safe == fields else dataclasses.replace(item, **safe)
+
+
 class Pipeline:
     """The per-frame work both runners share: admit, the three phases, record, quarantine.
 
@@ -124,6 +140,8 @@ class Pipeline:
         Frames waiting for the archive writer.
     calibrate
         Gives frames without a pixel size one (`latticewatch.calibration.apply_calibration`).
+    event_log
+        Rotation and retention of the event log (None: one growing file).
 
     Examples
     --------
@@ -134,13 +152,13 @@ class Pipeline:
 
     def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (),
                  budget_ms: float | None = None, archive: ArchiveWriter | None = None, archive_queue: int = 4,
-                 calibrate: Callable[[Frame], Frame] | None = None) -> None:
+                 calibrate: Callable[[Frame], Frame] | None = None, event_log: EventLogConfig | None = None) -> None:
         self.analyser = analyser
         self.state = state
         self.stats = RunStats()
         self.ledger = Ledger(state.ledger_path)
         self.events = EventLog(state.events_path, self.ledger, sinks=sinks,
-                               on_sink_error=lambda _sink: self.stats.add(sink_errors=1))
+                               on_sink_error=lambda _sink: self.stats.add(sink_errors=1), rotation=event_log)
         self.budget_ms = budget_ms
         self.calibrate = calibrate
         self._without_pixel_size: set[str] = set()  # sources already reported
@@ -194,11 +212,14 @@ class Pipeline:
         problem = (f"source {source}: frames arrive without a pixel size (not in the data; {how}); "
                    "they are not resampled and sizes are reported in pixels")
         log.warning("%s (said once per source)", problem)
-        self.events.notify([pixel_size_warning(frame.frame_id, frame.origin, problem, source=source)])
+        warning = pixel_size_warning(frame.frame_id, frame.origin, problem, source=source)
+        if self.ledger.new_notices([warning.event_id]):  # a restarted run may meet the same frame first
+            self.events.notify([warning])
         return frame
 
     def admit(self, source: Source, item: Frame | Rejected) -> Job | None:
         """Record an arrival in the ledger; a job when the frame still needs analysing."""
+        item = _printable(item)
         if isinstance(item, Rejected):
             self.reject(source.name, item)
             return None
@@ -216,7 +237,10 @@ class Pipeline:
             self.stats.add(skipped=1)
             return
         self.state.quarantine(rejected.frame_id, rejected.origin, rejected.problem, payload=rejected.payload)
-        self._quarantine(rejected.frame_id, source, rejected.origin, rejected.problem)
+        has_pixels = rejected.pixels is not None
+        self._quarantine(rejected.frame_id, source, rejected.origin, rejected.problem, has_pixels=has_pixels)
+        if has_pixels and self.archive is not None:  # decoded but refused (NaN pixels): archived whole
+            self.archive.offer(Frame(rejected.frame_id, rejected.pixels, origin=rejected.origin), None)
 
     def _quarantine(self, frame_id: str, source: str, origin: str, problem: str, *, has_pixels: bool = False) -> None:
         events = [error_event(frame_id, origin, problem)]
@@ -231,7 +255,11 @@ class Pipeline:
         self.state.quarantine(job.frame.frame_id, job.frame.origin, problem, spool_key=job.spool)
         self._quarantine(job.frame.frame_id, job.source, job.frame.origin, problem, has_pixels=True)
         if self.archive is not None:
-            self.archive.offer(job.frame, None)
+            frame, size = job.frame, job.frame.pixel_size_nm
+            if size is not None and not (math.isfinite(size) and size > 0):  # refused as garbage: not archived as one
+                frame = dataclasses.replace(frame, pixel_size_nm=None,
+                                            meta={**frame.meta, "pixel_size_refused": str(size)})
+            self.archive.offer(frame, None)
 
     def _timed(self, job: Job, phase: str, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()

@@ -38,10 +38,12 @@ The archive (optional) is fed after publication and runs on its own thread
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from latticewatch.runtime.pipeline import Pipeline, RunStats
@@ -54,6 +56,36 @@ class Runner(Protocol):
     def run(self, sources: Sequence[Source], stop: StopFlag) -> RunStats: ...
 
 
+class Busy:
+    """Which phase is at work on a frame since when: how the daemon tells a hung pipeline from a slow one.
+
+    Examples
+    --------
+    >>> busy = Busy()
+    >>> with busy("segment"):
+    ...     list(busy.ages())
+    ['segment']
+    >>> busy.ages()
+    {}
+    """
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        self._since[phase] = time.monotonic()
+        try:
+            yield
+        finally:
+            self._since.pop(phase, None)
+
+    def ages(self) -> dict[str, float]:
+        """Seconds each busy phase has spent on its current frame (or batch)."""
+        now = time.monotonic()
+        return {phase: now - since for phase, since in list(self._since.items())}
+
+
 class InlineRunner:
     """Everything in the calling thread, one frame at a time; sources drained one after another.
 
@@ -64,19 +96,24 @@ class InlineRunner:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.busy = Busy()
+        self.started = threading.Event()
 
     def run(self, sources: Sequence[Source], stop: StopFlag) -> RunStats:
         p = self.pipeline
+        self.started.set()
         for key in p.recover(sources):
             job = p.resume(key)
             if job is not None:
                 p.stats.add(resumed=1)
-                p.process(job)
+                with self.busy("process"):
+                    p.process(job)
         for source in sources:
             for item in source.frames(stop, p.skip):
                 job = p.admit(source, item)
                 if job is not None:
-                    p.process(job)
+                    with self.busy("process"):
+                        p.process(job)
                 if stop.is_set():
                     break
         p.snapshot_sources(sources)
@@ -129,6 +166,8 @@ class PipelinedRunner:
         self._fatal = threading.Event()
         self._failure: BaseException | None = None
         self._halt: StopFlag = self._fatal
+        self.busy = Busy()
+        self.started = threading.Event()  # set once the source and phase threads run
 
     def run(self, sources: Sequence[Source], stop: StopFlag) -> RunStats:
         p = self.pipeline
@@ -141,6 +180,7 @@ class PipelinedRunner:
                   (("prepare", self._prepare_loop), ("segment", self._segment_loop), ("finish", self._finish_loop))]
         for t in (*pumps, *stages):
             t.start()
+        self.started.set()
         for t in pumps:
             t.join()
         self._sources_done.set()
@@ -151,6 +191,13 @@ class PipelinedRunner:
         if self._failure is not None:
             raise self._failure
         return p.stats
+
+    def abandon(self) -> None:
+        """Leave the frames still queued (a shutdown that took too long): each phase stops after its current frame.
+
+        They stay ``seen`` in the ledger (stream frames spooled) and are analysed at the next start.
+        """
+        self._fatal.set()
 
     def queue_depths(self) -> dict[str, int]:
         """Frames waiting before each phase, and deferred (for status events and metrics)."""
@@ -213,7 +260,9 @@ class PipelinedRunner:
                     break
                 else:
                     continue
-            if p.prepare(job) and not self._put(self._to_segment, job):
+            with self.busy("prepare"):
+                prepared = p.prepare(job)
+            if prepared and not self._put(self._to_segment, job):
                 return
         self._put(self._to_segment, _DONE)
 
@@ -233,7 +282,8 @@ class PipelinedRunner:
                     done = True
                     break
                 batch.append(more)
-            self.pipeline.segment(batch)
+            with self.busy("segment"):
+                self.pipeline.segment(batch)
             for j in batch:
                 if not self._put(self._to_finish, j):
                     return
@@ -246,4 +296,5 @@ class PipelinedRunner:
             job = self._to_finish.get()
             if job is _DONE:
                 break
-            self.pipeline.finish(job)
+            with self.busy("finish"):
+                self.pipeline.finish(job)

@@ -20,6 +20,10 @@ XPUB with ``XPUB_NODROP`` (plain PUB drops silently, so drops could not be count
 that while one subscriber of a topic sits at its high-water mark, that topic's events are
 dropped for all its subscribers. Every event is in the durable log: ``latticewatch events
 --since <last id seen>`` fills the gap.
+
+With ``curve_secret_key`` and ``curve_clients`` the socket is a CURVE server
+(`latticewatch.io.curve`): traffic is encrypted and only subscribers whose public key is in the
+directory complete the handshake.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -52,6 +57,8 @@ class EventPublisher:
         Seconds between status events; ``0`` sends none.
     status
         Called for the status event's fields (fps, backlog, overruns …; see `StatusEvent`).
+    curve_secret_key, curve_clients
+        Both or neither: the daemon's CURVE secret key file and the directory of allowed subscriber keys.
 
     Examples
     --------
@@ -66,7 +73,10 @@ class EventPublisher:
     name = "publisher"
 
     def __init__(self, address: str, *, high_water_mark: int = 1000, status_interval_s: float = 5.0,
-                 status: Callable[[], dict[str, Any]] | None = None, context: zmq.Context | None = None) -> None:
+                 status: Callable[[], dict[str, Any]] | None = None, context: zmq.Context | None = None,
+                 curve_secret_key: Path | None = None, curve_clients: Path | None = None) -> None:
+        if (curve_secret_key is None) != (curve_clients is None):
+            raise ValueError("curve_secret_key and curve_clients go together: give both or neither")
         self._context = context or zmq.Context.instance()
         # XPUB with NODROP is PUB for subscribers, but a full subscriber queue makes a NOBLOCK send
         # fail (EAGAIN) instead of dropping silently — so drops are counted, and nothing waits.
@@ -74,6 +84,15 @@ class EventPublisher:
         self._socket.setsockopt(zmq.XPUB_NODROP, 1)
         self._socket.setsockopt(zmq.SNDHWM, high_water_mark)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve_secret_key is not None:
+            from latticewatch.io.curve import curve_server
+
+            try:
+                curve_server(self._socket, secret_key_file=curve_secret_key, clients_dir=curve_clients,
+                             domain="events")
+            except BaseException:
+                self._socket.close(linger=0)
+                raise
         self._socket.bind(address)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.counters = {"sent": 0, "dropped": 0, "status": 0}

@@ -11,7 +11,9 @@ Contract
   (within about a poll interval, 0.1–0.5 s) and releases its sockets/observers in a ``finally``.
 * ``frame_id`` is stable across restarts: the same input always gets the same id (a file's path
   relative to the watched folder plus ``#section``; a stream's series id plus frame number). The
-  ledger, the event ids and exactly-once resumption rest on this.
+  ledger, the event ids and exactly-once resumption rest on this. Ids and origins are valid
+  Unicode: text from outside (file names, headers) goes through `printable` first (the runner
+  applies it again to whatever a plugin yields).
 * ``skip(frame_id)`` (optional, may be ``None``) says the frame is already done. Sources that can
   name a frame before reading its pixels ask it first and do not read those pixels; the runner
   checks the ledger again anyway, so a source that cannot ask early (a live stream) may ignore it.
@@ -80,6 +82,43 @@ class Source(Protocol):
     def frames(self, stop: StopFlag, skip: SkipFn | None = None) -> Iterator[Frame | Rejected]:
         """Yield frames (and rejected inputs) until ``stop.is_set()``, or until the input ends."""
         ...
+
+
+def printable(text: str) -> str:
+    """``text`` as valid Unicode: lone surrogates written as backslash escapes.
+
+    A file name that is not valid UTF-8 reaches Python with its undecodable bytes as lone
+    surrogates (``os.fsdecode``); a stream header can carry them too (JSON ``"\\udcff"``). Such a
+    string cannot be encoded as UTF-8, so it can be neither a ledger key, nor JSON in the event log,
+    nor an HDF5 attribute. Frame ids and origins go through this: an undecodable byte ``0xff``
+    becomes the four characters ``\\xff``, any other lone surrogate ``\\udXXX``. Valid text
+    comes back unchanged, so ids stay as they were for every name that was already valid.
+
+    Examples
+    --------
+    >>> printable("scope:grid1/a.mrc#3")
+    'scope:grid1/a.mrc#3'
+    >>> import os
+    >>> printable(os.fsdecode(b"scope:caf\\xe9.tif")), printable("sur\\udcffx\\ud800")
+    ('scope:caf\\\\xe9.tif', 'sur\\\\xffx\\\\ud800')
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for c in text:
+        code = ord(c)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte smuggled by the surrogateescape handler
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 #: A plugin's factory: the source's config table (without ``kind``) → a `Source`.

@@ -18,22 +18,39 @@ When is an image complete?
 * Finished sections of a growing stack are never read again; a section is never read while
   its bytes are incomplete. Files are only ever opened read-only.
 * Ignored: dotfiles, ``~``-suffixed backups (``*.mdoc~``), temporary names (``*.tmp``,
-  ``*.part`` …), and suffixes the readers do not support.
+  ``*.part`` …), and suffixes the readers do not support. A directory named like a frame
+  (``grid.mrc/``) is a folder: watched like any other, never opened as a file.
+* Never opened, one error event each, left in place: anything that is not a regular file (a FIFO
+  would block the reader until someone writes to it; sockets, devices), a symbolic link that
+  leads out of the watched folder (links inside it are followed), a path too long for the system
+  to open (longer than ``PATH_MAX``, or a folder that cannot be listed), and a file the daemon has
+  no permission to read (once it has settled; it is tried again when it changes).
+* mdoc problems: an mdoc larger than `latticewatch.io.mdoc.MAX_MDOC_BYTES`, or one that holds
+  no ``[ZValue = N]`` section once settled, gives one error event (id ``<source>:<stack>.mdoc``)
+  and its stack is analysed as if it had none; an mdoc listing sections past the end of a
+  settled stack gives one error event per missing section (``<stack>#<N>``). The last section of
+  a settled mdoc counts even when its last line has no newline.
+* An MRC header whose declared extended header is larger than the file, or whose declared data
+  is absurd (`latticewatch.io.readers.mrc.MAX_DECLARED_BYTES`), is refused once the file has
+  settled; headers are read 1024 bytes at a time, never through mrcfile while waiting.
 * On start every existing file is examined, so files and sections that arrived while the
   daemon was down are caught up; ``skip`` keeps finished ones from being read again.
 
 ``frame_id`` is ``<source name>:<path relative to the folder>`` plus ``#<section>`` for MRC files
-(whose section count may grow) and for multi-image files of other formats.
+(whose section count may grow) and for multi-image files of other formats. A name that is not
+valid UTF-8 appears with its undecodable bytes escaped (``caf\\xe9.mrc``, see
+`latticewatch.sources.base.printable`), in ids, origins and log lines alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import queue
+import stat
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +60,21 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from latticewatch.frame import Frame, Rejected
-from latticewatch.io.mdoc import Mdoc, parse_mdoc, section_info
-from latticewatch.io.readers import MRC_SUFFIXES, SUPPORTED_SUFFIXES, ReadError, count_sections, read_frames
-from latticewatch.sources.base import SkipFn, StopFlag
+from latticewatch.io.mdoc import Mdoc, MdocError, no_sections_problem, read_mdoc, section_info
+from latticewatch.io.readers import (
+    MRC_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    ReadError,
+    count_sections,
+    mrc_layout,
+    read_frames,
+)
+from latticewatch.sources.base import SkipFn, StopFlag, printable
 
 log = logging.getLogger(__name__)
+# watchdog (7.1) logs "queue_events() called when the thread is inactive" as an ERROR when `stop` races an event it
+# had already read; the event only mattered to a source that is stopping (the next start's scan finds every file)
+logging.getLogger("watchdog.observers.inotify").addFilter(lambda r: "when the thread is inactive" not in r.getMessage())
 
 #: Names that writers use while a file is incomplete, or for backups.
 TEMPORARY_SUFFIXES = ("~", ".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
@@ -105,15 +132,20 @@ class _Settle:
 @dataclass
 class _Tracked:
     path: Path
-    rel: str
+    rel: str  # printable: the frame id's part
     is_mrc: bool
     data: _Settle = field(default_factory=_Settle)
     mdoc: _Settle = field(default_factory=_Settle)
     has_mdoc: bool = False
     next_section: int = 0
     done: bool = False  # non-MRC file fully read (or rejected)
+    vetted: bool = False  # checked once that it is a regular file we may open
+    refused: bool = False  # never to be opened (not a regular file, a link out of the folder …)
     failed_at: tuple[int, int] | None = None  # signature at which reading failed; retried if it changes
-    stalled: bool = False  # incomplete section reported (once)
+    stalled_at: tuple[int, int] | None = None  # signature at which an incomplete section was reported
+    mdoc_cache: tuple[tuple[int, int] | None, Mdoc] | None = None  # parsed at the mdoc's signature
+    mdoc_failed_at: tuple[int, int] | None = None  # mdoc signature at which it was refused
+    missing_reported: int = -1  # highest mdoc section past the stack's end reported
     io_errors: int = 0
 
     @classmethod
@@ -124,39 +156,13 @@ class _Tracked:
         return tracked
 
     @property
+    def shown(self) -> str:
+        """The path as origins and log lines show it."""
+        return printable(str(self.path))
+
+    @property
     def mdoc_path(self) -> Path:
         return self.path.with_name(self.path.name + ".mdoc")
-
-
-@dataclass(frozen=True)
-class _MrcLayout:
-    nz: int
-    complete_sections: int  # sections whose bytes are all in the file
-
-
-def _mrc_layout(path: Path) -> _MrcLayout | None:
-    """nz and how many sections are present, from the header alone; None if not parseable (yet)."""
-    import mrcfile
-    from mrcfile import utils as mrc_utils
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # permissive mrcfile warns about what the reader reports
-            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-                header = mrc.header
-                if header is None:
-                    return None
-                nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-                itemsize = mrc_utils.data_dtype_from_header(header).itemsize
-                start = header.nbytes + int(header.nsymbt)
-    except (ValueError, OSError, KeyError, EOFError):
-        return None
-    if min(nx, ny) <= 0 or nz < 0:
-        return None
-    if nz == 0:  # opened, no section announced yet
-        return _MrcLayout(0, 0)
-    section_bytes = nx * ny * itemsize
-    return _MrcLayout(nz, max(0, (path.stat().st_size - start) // section_bytes))
 
 
 class FolderSource:
@@ -238,13 +244,16 @@ class FolderSource:
             return None
         tracked = self._files.get(path)
         if tracked is None:
-            rel = path.relative_to(self.root).as_posix()
+            rel = printable(path.relative_to(self.root).as_posix())
             tracked = self._files[path] = _Tracked.found(path, rel)
         return tracked
 
-    def _catch_up(self) -> set[Path]:
-        found = set()
-        walker = os.walk(self.root) if self.recursive else [(str(self.root), [], os.listdir(self.root))]
+    def _catch_up(self) -> tuple[set[Path], list[Rejected]]:
+        """Every candidate file now in the folder, and a `Rejected` per folder that cannot be listed."""
+        found: set[Path] = set()
+        unlisted: list[OSError] = []  # os.walk skips these silently unless told
+        walker = (os.walk(self.root, onerror=unlisted.append) if self.recursive
+                  else [(str(self.root), [], os.listdir(self.root))])
         for directory, dirs, names in walker:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
@@ -253,7 +262,15 @@ class FolderSource:
                     found.add(tracked.path)
         if found:
             log.info("%s: examining %d existing file(s) in %s", self.name, len(found), self.root)
-        return found
+        problems = []
+        for err in unlisted:
+            where = printable(os.fsdecode(err.filename or ""))
+            rel = printable(Path(os.fsdecode(err.filename or "")).relative_to(self.root).as_posix())
+            problem = f"{where}: folder cannot be listed ({err.strerror}); its files are not watched"
+            log.error("%s: %s", self.name, problem)
+            self.counters["rejected"] += 1
+            problems.append(Rejected(f"{self.name}:{rel}/", where, problem))
+        return found, problems
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -264,7 +281,8 @@ class FolderSource:
         observer = self._observer(inbox)
         observer.start()  # before the catch-up scan, so nothing written meanwhile is missed
         try:
-            active = self._catch_up()
+            active, unlisted = self._catch_up()
+            yield from unlisted
             while not stop.is_set():
                 while True:
                     try:
@@ -309,9 +327,9 @@ class FolderSource:
         if rest == frame_id:
             return None
         rel, _, section = rest.rpartition("#")
-        if not rel or not section.isdigit() or (self.root / rest).is_file():
+        if not rel or not section.isdigit() or self._locate(rest).is_file():
             rel, section = rest, ""  # a single image (whose name may contain '#')
-        path = self.root / rel
+        path = self._locate(rel)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no longer there")
         f = _Tracked.found(path, rel)
@@ -321,10 +339,63 @@ class FolderSource:
             frame = next(sections, None)
         finally:
             sections.close()
-        return None if frame is None else self._finish(f, frame, frame_id, self._read_mdoc(f), k)
+        return None if frame is None else self._finish(f, frame, frame_id, self._stack_mdoc(f)[0], k)
+
+    def _locate(self, rel: str) -> Path:
+        """The path of a frame id's ``rel``: names with undecodable bytes are found by their printable form."""
+        path = self.root / rel
+        if "\\" not in rel or path.exists():
+            return path
+        path = self.root
+        for part in rel.split("/"):
+            candidate = path / part
+            if not candidate.exists() and path.is_dir():
+                candidate = next((path / n for n in os.listdir(path) if printable(n) == part), candidate)
+            path = candidate
+        return path
+
+    def _refusal(self, f: _Tracked) -> str | None:
+        """Why the file must never be opened, or None when it is a regular file we may read."""
+        try:
+            st = os.lstat(f.path)
+            if stat.S_ISLNK(st.st_mode):
+                root, target = os.path.realpath(self.root), os.path.realpath(f.path)
+                if os.path.commonpath([root, target]) != root:
+                    return (f"symbolic link to {printable(target)}, outside the watched folder {printable(root)}; "
+                            "not followed")
+                st = os.stat(f.path)
+        except FileNotFoundError:
+            return None  # gone (or a dangling link): `observe` sees that
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            return (f"path of {len(os.fsencode(f.path))} bytes is too long to open ({err.strerror}); "
+                    "move the file to a shorter path")
+        if stat.S_ISDIR(st.st_mode):
+            return ""  # a folder named like a frame: watched as a folder, no error
+        if not stat.S_ISREG(st.st_mode):
+            kinds = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                     stat.S_IFBLK: "a block device"}
+            return f"not a regular file but {kinds.get(stat.S_IFMT(st.st_mode), 'a special file')}; never opened"
+        return None
+
+    def _vet(self, f: _Tracked) -> Iterator[Rejected]:
+        """Once per file: refuse (one `Rejected`) what must not be opened; False when refused."""
+        f.vetted = True
+        problem = self._refusal(f)
+        if problem is None:
+            return True
+        f.refused = True
+        if problem:
+            yield self._rejected(f, ReadError(f.shown, problem), None)
+        return False
 
     def _poll(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
         """Yield what is complete in one file; return True while the file needs watching."""
+        if not f.vetted and not (yield from self._vet(f)):
+            return False
+        if f.refused:
+            return False
         if not f.data.observe(f.path, now):
             return False
         if f.failed_at is not None:
@@ -338,11 +409,17 @@ class FolderSource:
                 return (yield from self._poll_stack(f, now, skip))
             return (yield from self._poll_single(f, now, skip))
         except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM) and f.data.settled(now, self.settle_s):
+                # not transient: tried again only when the file changes (a chmod alone does not count)
+                f.failed_at = f.data.signature
+                problem = f"permission denied ({err.strerror}); left in place, fix its permissions and touch it"
+                yield self._rejected(f, ReadError(f.shown, problem), None)
+                return False
             # transient (NFS hiccup, file locked by the writer on SMB): retry on the next tick
             f.io_errors += 1
             self.counters["io_errors"] += 1
             level = logging.WARNING if f.io_errors in (1, 10, 100) else logging.DEBUG
-            log.log(level, "%s: cannot read %s yet (%s); retrying", self.name, f.path, err)
+            log.log(level, "%s: cannot read %s yet (%s); retrying", self.name, f.shown, printable(str(err)))
             return True
 
     def _frame_id(self, f: _Tracked, section: int | None) -> str:
@@ -350,8 +427,8 @@ class FolderSource:
 
     def _rejected(self, f: _Tracked, err: ReadError, section: int | None) -> Rejected:
         self.counters["rejected"] += 1
-        log.error("%s: %s", self.name, err)
-        return Rejected(self._frame_id(f, section), str(f.path), err.problem)
+        log.error("%s: %s", self.name, printable(str(err)))
+        return Rejected(self._frame_id(f, section), f.shown, err.problem, pixels=err.pixels)
 
     def _finish(self, f: _Tracked, frame: Frame, frame_id: str, mdoc: Mdoc | None, section: int) -> Frame:
         meta = dict(frame.meta)
@@ -359,10 +436,12 @@ class FolderSource:
         if mdoc is not None and section in mdoc.sections:
             info = section_info(mdoc, section)
             meta["mdoc"] = info.meta
-            pixel_size = info.pixel_size_nm or pixel_size  # SerialEM's calibration beats the header
+            if info.pixel_size_nm is not None:  # SerialEM's calibration beats the header; the analyser checks it
+                pixel_size = info.pixel_size_nm
+                meta["pixel_size_source"] = f"{f.mdoc_path.name} [ZValue = {section}] PixelSpacing"
             acquired = info.acquired_at or acquired
         return dataclasses.replace(
-            frame, frame_id=frame_id, meta=meta, pixel_size_nm=pixel_size, acquired_at=acquired, origin=str(f.path)
+            frame, frame_id=frame_id, meta=meta, pixel_size_nm=pixel_size, acquired_at=acquired, origin=f.shown
         )
 
     def _poll_single(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
@@ -374,7 +453,7 @@ class FolderSource:
         try:
             n = count_sections(f.path, permissive=self.permissive)
             ids = [self._frame_id(f, k if n > 1 else None) for k in range(n)]
-            mdoc = self._read_mdoc(f)
+            mdoc, _problem = self._stack_mdoc(f)  # a single image's mdoc only adds keys: ignored when unusable
             while f.next_section < n and skip(ids[f.next_section]):
                 f.next_section += 1
             if f.next_section < n:
@@ -390,41 +469,75 @@ class FolderSource:
         return False
 
     def _read_mdoc(self, f: _Tracked) -> Mdoc | None:
+        """The file's mdoc, parsed once per version (size, mtime); None when it has none now.
+
+        Raises `MdocError` for an mdoc too large to read.
+        """
         if not f.has_mdoc:
             return None
+        signature = f.mdoc.signature
+        if f.mdoc_cache is not None and signature is not None and f.mdoc_cache[0] == signature:
+            return f.mdoc_cache[1]
         try:
-            return parse_mdoc(f.mdoc_path.read_text(encoding="utf-8", errors="replace"))
+            doc = read_mdoc(f.mdoc_path)
         except FileNotFoundError:
             return None  # SerialEM is between renaming the old mdoc and writing the new one
+        f.mdoc_cache = (signature, doc)
+        return doc
+
+    def _stack_mdoc(self, f: _Tracked) -> tuple[Mdoc | None, str | None]:
+        """The mdoc and why it cannot be used (too large, no section), or None when it can."""
+        try:
+            doc = self._read_mdoc(f)
+        except MdocError as err:
+            return None, printable(str(err))
+        return doc, None if doc is None else no_sections_problem(doc, printable(str(f.mdoc_path)))
+
+    def _mdoc_rejected(self, f: _Tracked, problem: str) -> Rejected:
+        self.counters["rejected"] += 1
+        log.error("%s: %s", self.name, problem)
+        return Rejected(f"{self.name}:{f.rel}.mdoc", printable(str(f.mdoc_path)), problem)
 
     def _poll_stack(self, f: _Tracked, now: float, skip: SkipFn) -> Iterator[Frame | Rejected]:
+        if f.stalled_at is not None and f.stalled_at == f.data.signature:
+            return True  # still waiting for announced bytes, and nothing changed since the last look
         settled = f.data.settled(now, self.settle_s)
-        layout = _mrc_layout(f.path)
-        if layout is None:
+        layout = mrc_layout(f.path)
+        if layout is None or layout.problem is not None:
             if not settled:
                 return True  # the header is still being written
+            f.failed_at = f.data.signature
+            if layout is not None:
+                yield self._rejected(f, ReadError(f.shown, layout.problem), None)
+                return False
             try:  # settled but unparseable: the strict reader says precisely what is wrong
                 count_sections(f.path, permissive=self.permissive)
             except ReadError as err:
-                f.failed_at = f.data.signature
                 yield self._rejected(f, err, None)
             return False
         if layout.complete_sections < layout.nz:
             # the header announces a section whose bytes are not all there yet (a writer that
             # updates the header first, or a stalled copy): wait, however long it takes
-            if settled and not f.stalled:
-                f.stalled = True
-                log.warning("%s: %s announces %d section(s) but holds %d; waiting for the rest",
-                            self.name, f.path, layout.nz, layout.complete_sections)
+            if settled:
+                if f.stalled_at is None:
+                    log.warning("%s: %s announces %d section(s) but holds %d; waiting for the rest",
+                                self.name, f.shown, layout.nz, layout.complete_sections)
+                f.stalled_at = f.data.signature
             return True
-        f.stalled = False
+        f.stalled_at = None
         mdoc = None
-        if f.has_mdoc:
-            mdoc = self._read_mdoc(f)
-            if mdoc is None or mdoc.last_z is None:
+        if f.has_mdoc and (f.mdoc_failed_at is None or f.mdoc.signature != f.mdoc_failed_at):
+            mdoc, problem = self._stack_mdoc(f)
+            if problem is not None:
+                if not f.mdoc.settled(now, self.settle_s):
+                    return True  # perhaps still being written
+                f.mdoc_failed_at, mdoc = f.mdoc.signature, None
+                yield self._mdoc_rejected(f, problem)
+            elif mdoc is None:
                 return True
-            complete = mdoc.last_z + (1 if f.mdoc.settled(now, self.settle_s) and mdoc.complete_last_line else 0)
-            limit = min(layout.nz, complete)
+        if mdoc is not None:
+            # a settled mdoc's last section counts, newline or not: its writer is done with it
+            limit = min(layout.nz, mdoc.last_z + (1 if f.mdoc.settled(now, self.settle_s) else 0))
         else:
             limit = layout.nz if settled else layout.nz - 1
         while f.next_section < limit:
@@ -447,4 +560,13 @@ class FolderSource:
             f.next_section += 1
             self.counters["frames"] += 1
             yield self._finish(f, frame, frame_id, mdoc, k)
+        if mdoc is not None and settled and f.mdoc.settled(now, self.settle_s):
+            yield from self._missing_sections(f, mdoc, layout.nz)
         return f.next_section < layout.nz or not settled or (f.has_mdoc and not f.mdoc.settled(now, self.settle_s))
+
+    def _missing_sections(self, f: _Tracked, mdoc: Mdoc, nz: int) -> Iterator[Rejected]:
+        """One `Rejected` per section a settled mdoc lists past the end of its settled stack."""
+        for z in sorted(z for z in mdoc.sections if z >= max(nz, f.missing_reported + 1)):
+            f.missing_reported = z
+            problem = f"{f.mdoc_path.name} lists section {z} but the stack holds only {nz} section(s)"
+            yield self._rejected(f, ReadError(f.shown, problem, section=z), z)

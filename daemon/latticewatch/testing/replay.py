@@ -277,7 +277,20 @@ def write_single(directory: Path, index: int, frame: Frame, fmt: str = "mrc") ->
 
 
 class ZmqPublisher:
-    """Send frames in the native protocol from a bound PUSH (default) or PUB socket.
+    """Send frames in the native protocol from a bound PUSH (default) or PUB socket, like a camera.
+
+    A camera does not wait for the daemon forever: a frame no receiver takes within ``send_timeout_s``
+    is dropped (counted in ``dropped``, logged) and keeps its frame number, so the daemon counts it
+    as missing. ``send_queue`` (SNDHWM) bounds the frames queued towards the daemon; those still
+    queued, with the daemon's ``high_water_mark``, are what a SIGKILL of the daemon can lose.
+
+    Parameters
+    ----------
+    send_timeout_s
+        Longest wait for a receiver per frame; ``None`` waits forever.
+    curve_secret_key, curve_server_key
+        Both or neither: this sender's CURVE secret key file and the daemon's public key file
+        (`latticewatch.io.curve.curve_client`).
 
     Examples
     --------
@@ -285,29 +298,55 @@ class ZmqPublisher:
     ...     pub.send(frame)
     """
 
-    def __init__(self, address: str, *, series: str, socket: str = "push", connect: bool = False) -> None:
+    def __init__(self, address: str, *, series: str, socket: str = "push", connect: bool = False,
+                 send_timeout_s: float | None = 10.0, send_queue: int = 4, curve_secret_key: Path | None = None,
+                 curve_server_key: Path | None = None) -> None:
         import zmq
 
         self.series = series
         self.count = 0
+        self.dropped = 0
+        self.send_timeout_s = send_timeout_s
         self._zmq = zmq
         self.sock = zmq.Context.instance().socket(zmq.PUSH if socket == "push" else zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 10_000)  # deliver what is queued (series_end too) on close
+        self.sock.setsockopt(zmq.SNDHWM, send_queue)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only towards a receiver that completed its handshake
+        # deliver what is queued (series_end too) on close, but never hang on a receiver that is gone
+        self.sock.setsockopt(zmq.LINGER, 10_000 if send_timeout_s is None else int(send_timeout_s * 1000))
+        if curve_secret_key is not None or curve_server_key is not None:
+            from latticewatch.io.curve import curve_client
+
+            curve_client(self.sock, secret_key_file=curve_secret_key, server_key_file=curve_server_key)
         (self.sock.connect if connect else self.sock.bind)(address)
         if socket == "pub":
             time.sleep(0.5)  # PUB drops everything sent before subscribers have connected
 
+    def _writable(self, stop: StopFlag | None) -> bool | None:
+        """True once a receiver can take a message; False when the timeout passed; None when stopped."""
+        deadline = None if self.send_timeout_s is None else time.monotonic() + self.send_timeout_s
+        while not self.sock.poll(100, self._zmq.POLLOUT):
+            if stop is not None and stop.is_set():
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return True
+
     def send(self, frame: Frame, stop: StopFlag | None = None) -> bool:
-        """Send one frame; waits for a receiver (PUSH); False if ``stop`` was set meanwhile."""
+        """Send one frame; False when it was dropped (no receiver within the timeout) or ``stop`` was set."""
         from latticewatch.sources.zmq_stream import encode_frame
 
         parts = encode_frame(frame.pixels, series=self.series, number=self.count, pixel_size_nm=frame.pixel_size_nm,
                              acquired_at=frame.acquired_at or datetime.now(timezone.utc))
-        while not self.sock.poll(100, self._zmq.POLLOUT):
-            if stop is not None and stop.is_set():
-                return False
-        self.sock.send_multipart(parts)
+        writable = self._writable(stop)
+        if writable is None:
+            return False
         self.count += 1
+        if not writable:
+            self.dropped += 1
+            log.warning("series %s frame %d dropped: no receiver took it within %g s", self.series, self.count - 1,
+                        self.send_timeout_s)
+            return False
+        self.sock.send_multipart(parts)
         return True
 
     def send_raw(self, parts: list[bytes]) -> None:
@@ -317,7 +356,8 @@ class ZmqPublisher:
     def close(self) -> None:
         from latticewatch.sources.zmq_stream import encode_series_end
 
-        self.sock.send_multipart(encode_series_end(self.series, self.count))
+        if self._writable(None):  # a series_end nobody takes within the timeout is dropped too
+            self.sock.send_multipart(encode_series_end(self.series, self.count))
         self.sock.close()
 
     def __enter__(self) -> ZmqPublisher:
@@ -338,8 +378,11 @@ def replay(
     zmq_socket: str = "push",
     series: str | None = None,
     stop: StopFlag | None = None,
+    send_timeout_s: float | None = 10.0,
 ) -> int:
     """Write or send frames at ``rate_hz`` (0: as fast as possible); returns how many went out.
+
+    Over ZeroMQ a frame no receiver takes within ``send_timeout_s`` is dropped (`ZmqPublisher`).
 
     Examples
     --------
@@ -355,7 +398,8 @@ def replay(
     stack = SerialEMStack(to_folder / serialem_stack) if to_folder is not None and serialem_stack else None
     publisher = None
     if to_zmq:
-        publisher = ZmqPublisher(to_zmq, series=series or f"replay-{datetime.now():%Y%m%dT%H%M%S}", socket=zmq_socket)
+        publisher = ZmqPublisher(to_zmq, series=series or f"replay-{datetime.now():%Y%m%dT%H%M%S}", socket=zmq_socket,
+                                 send_timeout_s=send_timeout_s)
     if to_folder is not None:
         to_folder.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -375,7 +419,9 @@ def replay(
                 stack.append(frame.pixels, spacing)
             elif publisher is not None:
                 if not publisher.send(frame, stop):
-                    break
+                    if stop is not None and stop.is_set():
+                        break
+                    continue  # dropped: counted by the publisher, and by the receiver as missing
             else:
                 write_single(to_folder, sent, frame, fmt)
             sent += 1

@@ -53,14 +53,16 @@ Rules shared by all formats
 
 from latticewatch.io.readers.core import DEFAULT_MAX_PIXELS, PLAUSIBLE_PIXEL_NM, ReadError
 from latticewatch.io.readers.dispatch import SUPPORTED_SUFFIXES, count_sections, read_frames
-from latticewatch.io.readers.mrc import MRC_SUFFIXES
+from latticewatch.io.readers.mrc import MRC_SUFFIXES, MrcLayout, mrc_layout
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MRC_SUFFIXES",
+    "MrcLayout",
     "PLAUSIBLE_PIXEL_NM",
     "SUPPORTED_SUFFIXES",
     "ReadError",
     "count_sections",
+    "mrc_layout",
     "read_frames",
 ]

@@ -21,14 +21,12 @@ import numpy as np
 from latticewatch.errors import InputError
 from latticewatch.frame import MIN_SIDE_PX, Frame
 from latticewatch.io.jsonio import parse_timestamp
+from latticewatch.io.pixel_size import PLAUSIBLE_PIXEL_NM
 
 log = logging.getLogger(__name__)
 
 #: Default for ``max_pixels``: a 16k × 16k frame is larger than any current detector.
 DEFAULT_MAX_PIXELS = 16384**2
-#: Pixel sizes (nm) outside this range are treated as unknown: they are header garbage or a
-#: reciprocal-space calibration (diffraction) mislabelled as real space.
-PLAUSIBLE_PIXEL_NM = (1e-4, 1e5)
 
 
 class ReadError(InputError):
@@ -59,6 +57,8 @@ class ReadError(InputError):
         self.path = path
         self.problem = problem
         self.section = section
+        #: The decoded pixels when only their values are refused (non-finite, strict): a daemon archives them whole.
+        self.pixels: np.ndarray | None = None
 
     def __str__(self) -> str:
         where = self.path if self.section is None else f"{self.path}#{self.section}"
@@ -302,10 +302,11 @@ def _finish_pixels(ctx: ReadContext, plane: Plane, arr: np.ndarray) -> np.ndarra
             n_bad = int(arr.size - np.count_nonzero(finite))
             n_nan = int(np.count_nonzero(np.isnan(arr)))
             msg = f"{n_bad} non-finite pixel(s) ({n_nan} NaN, {n_bad - n_nan} ±Inf) of {arr.size}"
-            if n_bad == arr.size:
-                raise ctx.error(msg + "; no finite pixel left")
-            if not ctx.permissive:
-                raise ctx.error(msg + "; permissive=True replaces them by the median")
+            if n_bad == arr.size or not ctx.permissive:
+                err = ctx.error(msg + ("; no finite pixel left" if n_bad == arr.size
+                                       else "; permissive=True replaces them by the median"))
+                err.pixels = np.array(arr, order="C")  # owned: the memory map closes with the file
+                raise err
             fill = np.median(arr[finite])
             arr = np.where(finite, arr, fill).astype(arr.dtype)
             ctx.warn(f"{msg}; replaced by the median of the finite pixels ({float(fill):g})", plane)

@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -52,10 +53,86 @@ def _recorded_warnings(ctx: ReadContext) -> Iterator[None]:
         ctx.warn(f"{w.category.__name__}: {w.message}")
 
 
+#: Declared data blocks above this are header garbage, whatever the file's size (nz = 2³¹−1 …).
+MAX_DECLARED_BYTES = 2**40
+
+
+@dataclass(frozen=True)
+class MrcLayout:
+    """What an MRC header declares, compared with the file's size (`mrc_layout`)."""
+
+    nz: int
+    complete_sections: int  # sections whose bytes are all in the file
+    problem: str | None = None  # the header cannot describe this file (or any file): refuse it
+
+
+def _raw_header(raw: bytes) -> np.ndarray | None:
+    """The header's fields in the byte order its machine stamp (or, failing that, its sizes) says."""
+    from mrcfile.dtypes import HEADER_DTYPE
+    from mrcfile.utils import byte_order_from_machine_stamp
+
+    little = np.frombuffer(raw, HEADER_DTYPE.newbyteorder("<"))[0]
+    try:
+        order = byte_order_from_machine_stamp(little["machst"])
+    except ValueError:  # no usable stamp: take the order in which the sizes are sane
+        order = "<" if 0 <= int(little["nx"]) < 2**24 and 0 <= int(little["mode"]) < 2**16 else ">"
+    return little if order == "<" else np.frombuffer(raw, HEADER_DTYPE.newbyteorder(">"))[0]
+
+
+def mrc_layout(path: str | os.PathLike[str]) -> MrcLayout | None:
+    """nz and how many sections the file holds, from its first 1024 bytes alone; None if not parseable (yet).
+
+    mrcfile reads the extended header even for a header-only open, allocating ``nsymbt`` bytes, so
+    a header declaring ``nsymbt = 2³¹−1`` costs 2 GB per look; this reads 1024 bytes whatever the
+    header says. ``problem`` is set when the declared extended header is larger than the file or
+    the declared data larger than `MAX_DECLARED_BYTES`.
+
+    Examples
+    --------
+    >>> import mrcfile, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.mrc")
+    >>> with mrcfile.new(path) as mrc:
+    ...     mrc.set_data(np.zeros((2, 32, 32), np.int16))
+    >>> mrc_layout(path)
+    MrcLayout(nz=2, complete_sections=2, problem=None)
+    """
+    from mrcfile.utils import dtype_from_mode
+
+    with open(path, "rb") as fh:
+        raw = fh.read(1024)
+        size = os.fstat(fh.fileno()).st_size
+    if len(raw) < 1024:
+        return None
+    header = _raw_header(raw)
+    nx, ny, nz, nsymbt = (int(header[k]) for k in ("nx", "ny", "nz", "nsymbt"))
+    try:
+        itemsize = dtype_from_mode(int(header["mode"])).itemsize
+    except ValueError:
+        return None
+    if min(nx, ny) <= 0 or nz < 0:
+        return None
+    section_bytes = nx * ny * itemsize
+    problem = None
+    if nsymbt < 0 or 1024 + nsymbt > size:
+        problem = f"the header declares an extended header of {nsymbt} bytes but the file has only {size} bytes"
+    elif nz * section_bytes > MAX_DECLARED_BYTES:
+        problem = (f"the header declares {nz} section(s) of {nx}×{ny} ({nz * section_bytes} bytes), "
+                   f"above the {MAX_DECLARED_BYTES} bytes any stack may hold")
+    complete = max(0, (size - 1024 - max(nsymbt, 0)) // section_bytes)
+    return MrcLayout(nz, min(complete, nz), problem)
+
+
 def _read_header(ctx: ReadContext) -> tuple[np.recarray, np.recarray, list[str]]:
-    """The header, voxel size and labels, from a header-only open (no pixel is mapped)."""
+    """The header, voxel size and labels, from a header-only open (no pixel is mapped).
+
+    The declared sizes are checked against the file first (`mrc_layout`): an absurd extended
+    header is refused before mrcfile allocates it.
+    """
     import mrcfile
 
+    layout = mrc_layout(ctx.path)
+    if layout is not None and layout.problem is not None:
+        raise ctx.error(layout.problem)
     with _recorded_warnings(ctx):
         try:
             with mrcfile.open(ctx.path, mode="r", permissive=ctx.permissive, header_only=True) as mrc:

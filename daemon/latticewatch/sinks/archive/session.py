@@ -23,13 +23,14 @@ import fcntl
 import logging
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from latticewatch.errors import StateError
 from latticewatch.io.atomic import atomic_path, fsync_dir, is_temporary
 from latticewatch.sinks.archive.layout import attr_str, read_index, write_volume
 
-__all__ = ["SEGMENTS_DIR", "ArchiveError", "SessionDir"]
+__all__ = ["SEGMENTS_DIR", "ArchiveError", "SessionDir", "tidy_other_sessions"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,51 @@ class SessionDir:
         if fsync:
             fsync_dir(self.segments)
         return volume
+
+
+def _remove_temporaries(session: Path) -> None:
+    for directory in (session, session / SEGMENTS_DIR):
+        if directory.is_dir():
+            for path in directory.iterdir():
+                if is_temporary(path):
+                    log.info("archive: removing incomplete %s (left by a stopped writer)", path)
+                    _unlink_quiet(path)
+
+
+def tidy_other_sessions(root: str | os.PathLike[str], own: str, keys: Collection[str] = ()) -> set[str]:
+    """Tidy the sessions a killed writer left under ``root``; return which of ``keys`` they hold.
+
+    Only directories that are sessions (a valid session name and a ``.lock`` file) and that no
+    writer holds now (their lock is free) are touched, and in them only this package's own
+    temporaries (``.<name>.tmp-…``, `latticewatch.io.atomic`). ``keys`` (`frame_key` values) are
+    looked up in their volumes' and segments' indexes: a frame whose file was renamed into place
+    just before a kill is there although no ledger heard of it, and must not be archived twice.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> old = SessionDir(root, "run-1"); old.lock(fsync=False); old.unlock()
+    >>> _ = (old.segments / ".k.h5.tmp-1-ab").write_bytes(b"half")
+    >>> tidy_other_sessions(root, "run-2", ["k"]), sorted(p.name for p in old.segments.iterdir())
+    (set(), [])
+    """
+    wanted, found = set(keys), set()
+    if not Path(root).is_dir():
+        return found  # a first run: nothing to tidy
+    for session in sorted(Path(root).iterdir()):
+        if session.name == own or not _SESSION_RE.match(session.name) or not (session / ".lock").is_file():
+            continue
+        fd = os.open(session / ".lock", os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer's session: not ours to touch
+            _remove_temporaries(session)
+            if wanted - found:
+                for path in [*sorted(session.glob("*.h5")), *sorted((session / SEGMENTS_DIR).glob("*.h5"))]:
+                    found.update(k for k in (attr_str(row["key"]) for row in read_index(path)) if k in wanted)
+        finally:
+            os.close(fd)
+    return found

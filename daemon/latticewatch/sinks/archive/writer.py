@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from latticewatch.sinks.archive.codec import Codec
 from latticewatch.sinks.archive.layout import encode_frame_file, frame_key
 from latticewatch.sinks.archive.reduce import Policy, ReducedFrame, margin_to_pixels, reduce_frame
 from latticewatch.sinks.archive.rules import UncertaintyRule, lossless_reason
-from latticewatch.sinks.archive.session import ArchiveError, SessionDir
+from latticewatch.sinks.archive.session import ArchiveError, SessionDir, tidy_other_sessions
 
 __all__ = ["ArchiveCounters", "ArchiveReceipt", "ArchiveUnavailable", "ArchiveWriter"]
 
@@ -296,6 +296,21 @@ class ArchiveWriter:
                 return False
             self._recovered()
             return True
+
+    def tidy_stale_sessions(self, frame_ids: Collection[str] = ()) -> set[str]:
+        """Remove the temporaries killed writers left in this root's other sessions; return which
+        of ``frame_ids`` those sessions already hold (archived just before a kill, unknown to the ledger).
+
+        Storage errors are logged, never raised: tidying is a courtesy, and a frame not found here
+        is simply archived again.
+        """
+        keys = {frame_key(frame_id): frame_id for frame_id in frame_ids}
+        try:
+            found = tidy_other_sessions(self.root, self.session, keys)
+        except OSError as exc:
+            log.warning("archive: could not tidy the earlier sessions in %s: %s", self.root, exc)
+            return set()
+        return {keys[key] for key in found}
 
     def rotate(self) -> Path | None:
         """Consolidate the pending segments into the next volume now; return its path.

@@ -6,10 +6,11 @@ from latticewatch.sinks.dashboard.state import DashboardState, VerdictRule, size
 __all__ = ["DashboardSink", "DashboardState", "VerdictRule", "open_dashboard", "size_histograms", "verdict_for"]
 
 
-def open_dashboard(config) -> DashboardSink:
+def open_dashboard(config, *, serve: bool = True) -> DashboardSink:
     """The dashboard sink of a validated `latticewatch.config.Config` (its ``[dashboard]`` table).
 
-    Raises `OSError` when it cannot listen (the daemon then runs without it: `latticewatch.runtime.outputs`).
+    Raises `OSError` when it cannot bind its port (the daemon then runs without it: `latticewatch.runtime.outputs`).
+    ``serve=False``: the port is bound but HTTP starts with `DashboardSink.serve`.
 
     Examples
     --------
@@ -23,4 +24,5 @@ def open_dashboard(config) -> DashboardSink:
     return DashboardSink(host=d.host, port=d.port,
                          rule=VerdictRule(min_particles=d.verdict_min_particles, min_coverage=d.verdict_min_coverage),
                          verdict_file=d.verdict_file, history=d.history, thumbnail_px=d.thumbnail_px,
-                         sse_queue=d.sse_queue, max_rate_hz=d.max_rate_hz, budget_ms=config.runtime.budget_ms)
+                         sse_queue=d.sse_queue, max_rate_hz=d.max_rate_hz, budget_ms=config.runtime.budget_ms,
+                         serve=serve)

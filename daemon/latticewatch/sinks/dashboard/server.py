@@ -9,13 +9,19 @@ Routes
 ``/api/state``             the same snapshot as JSON (the page loads it first)
 ``/api/verdict/latest``    keep/skip verdict of the latest analysed frame (503 until one is analysed)
 ``/thumbnail.png``         the latest frame, small, regions outlined by class
-``/healthz``               ``ok``
+``/healthz``               ``ok``: the process is alive and serving
+``/readyz``                200 when the daemon is ready (sources up, models loaded, ledger writable), else 503;
+                           JSON ``{"ready": …, "checks": {name: "ok" or the problem}}``
 
 The sink is fed by the durable event log: `DashboardSink.consume` (called from the pipeline's
 threads) records counters, the runner's timings and errors, stores a reference to the latest
 frame and sets two events. PNG rendering, the verdict file and the broadcasting to browsers run
 on the sink's own threads; a browser that does not keep up has its queue filled and is dropped
 (it reconnects and starts from a fresh snapshot).
+
+The daemon binds the port when it opens its outputs (so a port in use is reported at once) but
+listens only once its sources, models and state are up (`DashboardSink.serve`): until then a
+connection is refused, never answered with a state that does not exist yet.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -40,6 +46,9 @@ from latticewatch.sinks.events import Event, FrameEvent
 from latticewatch.sinks.reports import overlay_image
 
 log = logging.getLogger(__name__)
+
+#: ``() -> (ready, checks)``: what ``/readyz`` answers; each check is ``"ok"`` or the problem.
+Readiness = Callable[[], tuple[bool, dict[str, str]]]
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -117,6 +126,8 @@ class DashboardSink:
         absolute path: always there.
     history, thumbnail_px, sse_queue, max_rate_hz, budget_ms
         Bounds and pacing (see the README's ``[dashboard]`` table).
+    serve
+        Listen at once; ``False``: bind the port only, `serve` later.
 
     Examples
     --------
@@ -130,7 +141,7 @@ class DashboardSink:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 8088, rule: VerdictRule = VerdictRule(),
                  verdict_file: str | None = None, history: int = 1000, thumbnail_px: int = 384, sse_queue: int = 16,
-                 max_rate_hz: float = 4.0, budget_ms: float | None = None) -> None:
+                 max_rate_hz: float = 4.0, budget_ms: float | None = None, serve: bool = True) -> None:
         self.state = DashboardState(history=history, budget_ms=budget_ms, rule=rule)
         self.hub = _Hub(sse_queue)
         self.thumbnail_px = thumbnail_px
@@ -143,14 +154,29 @@ class DashboardSink:
         self._work = threading.Event()
         self._changed = threading.Event()
         self._stop = threading.Event()
-        self.server = ThreadingHTTPServer((host, port), _handler(self))
+        self.readiness: Readiness | None = None
+        self.server = ThreadingHTTPServer((host, port), _handler(self), bind_and_activate=False)
         self.server.daemon_threads = True
-        self._threads = [threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                          name="dashboard-http", daemon=True),
-                         threading.Thread(target=self._render_loop, name="dashboard-render", daemon=True),
+        try:
+            self.server.server_bind()
+        except OSError:
+            self.server.server_close()
+            raise
+        self._threads = [threading.Thread(target=self._render_loop, name="dashboard-render", daemon=True),
                          threading.Thread(target=self._broadcast_loop, name="dashboard-sse", daemon=True)]
         for t in self._threads:
             t.start()
+        if serve:
+            self.serve()
+
+    def serve(self, readiness: Readiness | None = None) -> None:
+        """Listen on the bound port; ``readiness`` answers ``/readyz`` (without it: ready while serving)."""
+        self.readiness = readiness
+        self.server.server_activate()
+        http = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                name="dashboard-http", daemon=True)
+        http.start()
+        self._threads.append(http)
         log.info("dashboard on %s", self.url)
 
     @property
@@ -186,7 +212,8 @@ class DashboardSink:
         self._work.set()
         self._changed.set()
         self.hub.close()
-        self.server.shutdown()
+        if any(t.name == "dashboard-http" for t in self._threads):
+            self.server.shutdown()  # waits for serve_forever, which never started without `serve`
         self.server.server_close()
         for t in self._threads:
             t.join(timeout=5)
@@ -311,6 +338,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _healthz(self) -> None:
         self._send(HTTPStatus.OK, b"ok\n", "text/plain")
 
+    def _readyz(self) -> None:
+        ready, checks = self.sink.readiness() if self.sink.readiness is not None else (True, {})
+        self._json(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {"ready": ready, "checks": checks})
+
     def _events(self) -> None:
         max_s = _max_seconds(self.path)
         client = self.sink.hub.join()
@@ -341,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.sink.hub.leave(client)
 
     ROUTES = {"/api/verdict/latest": _verdict, "/api/state": _state, "/thumbnail.png": _thumbnail,
-              "/healthz": _healthz, "/events": _events}
+              "/healthz": _healthz, "/readyz": _readyz, "/events": _events}
 
 
 def _handler(sink: DashboardSink) -> type[BaseHTTPRequestHandler]:

@@ -25,7 +25,14 @@ from torch import nn
 from latticewatch.errors import ConfigError, InputError
 from latticewatch.frame import CLASSES
 from latticewatch.models.architectures import build_classifier
-from latticewatch.models.manifest import Manifest, read_manifest, relative_path, sha256_of, update_manifest
+from latticewatch.models.manifest import (
+    Manifest,
+    read_manifest,
+    relative_path,
+    sha256_of,
+    update_manifest,
+    write_manifest,
+)
 from latticewatch.stages.crops import CropSpec, classifier_input
 from latticewatch.stages.preprocess import preprocess, resample
 from latticewatch.training.assess.classifier_metrics import (
@@ -71,6 +78,7 @@ class CnnTrainingConfig:
     min_coverage: float = 0.6
     seed: int = 0
     threads: int | None = None
+    noise_crops: int = 0  # lattice-free noise crops of class empty added to the training images only
 
 
 def model_crop(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None,
@@ -145,6 +153,53 @@ def synthetic_crops(n_per_class: int, seed: int, manifest: Manifest, *, size_px:
         y.append(CLASSES.index(name))
     out.y, out.groups = np.array(y), np.array([f"synthetic_{i:05d}" for i in range(len(y))])
     return out
+
+
+def noise_crops(n: int, seed: int, size_px: int = 128) -> CropSet:
+    """``n`` lattice-free crops of class ``empty`` with blob masks: white, smoothed, low-count and
+    gradient noise and near-flat frames, median filtered and standardised as preprocessing leaves a frame.
+
+    What a segmentation hands the classifier on a frame it does not understand; without them a CNN
+    that only saw carbon and particles calls blobs of noise "no stacking fault".
+
+    >>> crops = noise_crops(4, 0, size_px=64)
+    >>> len(crops.images), set(crops.y.tolist()), crops.images[0].shape
+    (4, {4}, (64, 64))
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size_px, :size_px]
+    out = CropSet([], [], np.full(n, CLASSES.index("empty")), np.array([f"noise_{i:05d}" for i in range(n)]),
+                  [{} for _ in range(n)], f"{n} lattice-free noise crops, seed {seed}")
+    for kind in rng.integers(5, size=n):
+        if kind == 0:
+            image = rng.uniform(size=(size_px, size_px))
+        elif kind == 1:
+            image = ndimage.gaussian_filter(rng.normal(size=(size_px, size_px)), rng.uniform(0.5, 3))
+        elif kind == 2:
+            image = rng.poisson(rng.uniform(0.5, 20), size=(size_px, size_px)).astype(float)
+        elif kind == 3:
+            image = (yy * rng.normal() + xx * rng.normal()) / size_px + rng.normal(scale=rng.uniform(0.05, 1),
+                                                                                size=(size_px, size_px))
+        else:
+            image = 1 + rng.normal(scale=1e-3, size=(size_px, size_px))
+        image = ndimage.median_filter(image.astype(np.float32), size=3)
+        out.images.append(((image - image.mean()) / (image.std() + 1e-6)).astype(np.float32))
+        cy, cx = rng.uniform(0.35, 0.65, 2) * size_px
+        ry, rx = rng.uniform(0.08, 0.3, 2) * size_px
+        out.masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+    return out
+
+
+def with_training_extra(crops: CropSet, train: np.ndarray, extra: CropSet) -> tuple[CropSet, np.ndarray]:
+    """``crops`` with ``extra`` appended, and ``train`` extended by the new rows (validation and test
+    stay the simulated images only)."""
+    start = len(crops.y)
+    merged = CropSet(crops.images + extra.images, crops.masks + extra.masks, np.concatenate([crops.y, extra.y]),
+                     np.concatenate([crops.groups, extra.groups]), crops.conditions + extra.conditions,
+                     f"{crops.source} + {extra.source} (training only)", crops.skipped)
+    return merged, np.concatenate([train, np.arange(start, start + len(extra.y))])
 
 
 def crop_input(crops: CropSet, i: int, spec: CropSpec, rng: np.random.Generator | None = None,
@@ -290,6 +345,9 @@ def train_cnn_classifier(out: Path, crops: CropSet, config: CnnTrainingConfig, *
     if config.steps < 1 or config.batch_size < 1:
         raise ConfigError(f"steps and batch size must be positive, got {config.steps} and {config.batch_size}")
     split = split_three(crops, config)
+    if config.noise_crops:
+        noise = noise_crops(config.noise_crops, config.seed, 2 * config.spec.size_px)
+        crops, split["train"] = with_training_extra(crops, split["train"], noise)
     net, fit = fit_cnn(crops, split["train"], split["validation"], config, progress=progress)
     val_p = predict(net, crops, split["validation"], config.spec)
     threshold, rule = choose_uncertain_below(crops.y[split["validation"]], val_p, target=config.target_accuracy,
@@ -349,14 +407,6 @@ def _write_cnn(out: Path, net: nn.Module, config: CnnTrainingConfig, threshold: 
     from latticewatch.io.atomic import atomic_path
     from latticewatch.models.export import export_classifier_onnx
 
-    digests = {}
-    with atomic_path(out / "cnn.onnx") as tmp:
-        export_classifier_onnx(net, tmp, channels=len(config.spec.channels), size_px=config.spec.size_px)
-        digests["cnn.onnx"] = sha256_of(tmp)
-    with atomic_path(out / "cnn.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        digests["cnn.safetensors"] = sha256_of(tmp)
-
     def change(m: dict[str, Any]) -> None:
         m["files"].update(digests)
         m["classifier"] = {"kind": "cnn", "onnx": "cnn.onnx", "weights": "cnn.safetensors", "classes": list(CLASSES),
@@ -364,7 +414,14 @@ def _write_cnn(out: Path, net: nn.Module, config: CnnTrainingConfig, threshold: 
                            "defect_confusion": None if confusion is None else confusion.model_dump(mode="json")}
         m["training"]["classifier"] = {"command": command, "data": data, "metrics": _finite(metrics)}
 
-    return update_manifest(out, change)
+    # the new files wait under temporary names while the profile as it was (a previous CNN's files
+    # included) is verified and the change validated; the manifest is written once they are in place
+    with atomic_path(out / "cnn.onnx") as onnx, atomic_path(out / "cnn.safetensors") as weights:
+        export_classifier_onnx(net, onnx, channels=len(config.spec.channels), size_px=config.spec.size_px)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+        digests = {"cnn.onnx": sha256_of(onnx), "cnn.safetensors": sha256_of(weights)}
+        updated = update_manifest(out, change, dry_run=True)
+    return write_manifest(out, updated)
 
 
 def _finite(value: Any) -> Any:
