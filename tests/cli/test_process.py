@@ -65,7 +65,8 @@ def test_process_writes_reports_and_survives_bad_files(tmp_path, inputs, capsys)
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == len(report["regions"])
 
     overlay = Image.open(out / "stack_s0001_overlay.png")
-    assert overlay.size == (512, 512) and overlay.mode == "RGB"
+    # the frame at its own size, the legend in a panel to its right
+    assert overlay.size[1] == 512 and overlay.size[0] > 512 and overlay.mode == "RGB"
     prob = np.load(out / "stack_s0001_probability.npy")
     assert prob.shape == (512, 512) and prob.dtype == np.float32
     # the TIFF has no pixel size: reported, not guessed

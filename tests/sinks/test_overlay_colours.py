@@ -32,8 +32,9 @@ def test_an_uncertain_particle_is_outlined_grey_and_listed_in_the_legend():
     rgb = _overlay([UNCERTAIN, "unclassified"])
     assert tuple(rgb[120, 130]) == CLASS_COLOURS[UNCERTAIN]  # top edge of the first region
     assert tuple(rgb[180, 190]) == CLASS_COLOURS["unclassified"]
-    swatches = {tuple(p) for p in rgb[:, 14]}  # the legend's colour boxes (the regions lie right of it)
+    assert rgb.shape[1] > 256 and not rgb[:, 256:].any(axis=2)[:, :4].any()  # the legend is a panel right of the frame
+    swatches = {tuple(p) for p in rgb[:, 256 + 14]}  # the legend's colour boxes
     assert CLASS_COLOURS[UNCERTAIN] in swatches and CLASS_COLOURS["stacking_fault"] in swatches
 
     without = _overlay(["stacking_fault"])
-    assert CLASS_COLOURS[UNCERTAIN] not in {tuple(p) for p in without[:, 14]}  # no uncertain particle, no row
+    assert CLASS_COLOURS[UNCERTAIN] not in {tuple(p) for p in without[:, 256 + 14]}  # no uncertain particle, no row

@@ -116,10 +116,11 @@ def _csv_rows(analysis: Analysis):
 
 
 def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
-    """The frame (0.5–99.5 % contrast) with region outlines coloured by class and a legend.
+    """The frame (0.5–99.5 % contrast) with region outlines coloured by class, and a legend panel beside it.
 
-    A frame outside the model's domain gets a banner saying so along its bottom edge. Frames
-    larger than ``max_side`` are subsampled first (the dashboard asks for a small one).
+    The legend sits right of the frame, never over it (on a small tile it would hide a third of the
+    particles). A frame outside the model's domain gets a banner saying so along its bottom edge.
+    Frames larger than ``max_side`` are subsampled first (the dashboard asks for a small one).
     """
     step = max(1, int(np.ceil(max(frame.pixels.shape) / max_side)))
     pixels = frame.pixels[::step, ::step].astype(np.float32)
@@ -133,20 +134,25 @@ def overlay_image(frame: Frame, analysis: Analysis, *, max_side: int = OVERLAY_M
         r0, c0, r1, c1 = (v // step for v in region.bbox)
         box = edge[r0 : r1 + 1, c0 : c1 + 1]
         rgb[r0 : r1 + 1, c0 : c1 + 1][box] = CLASS_COLOURS.get(region.label, CLASS_COLOURS["unclassified"])
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, min(image.size) // 40))
+    frame_image = Image.fromarray(rgb)
+    font = ImageFont.load_default(size=max(12, min(frame_image.size) // 40))
     counts = analysis.class_counts()
-    y = 6
-    for name in CLASSES + ((UNCERTAIN,) if counts.get(UNCERTAIN) else ()):  # a forest without a threshold has none
-        text = f"{name.replace('_', ' ')}: {counts.get(name, 0)}"
-        box = draw.textbbox((26, y), text, font=font)
-        draw.rectangle((4, y - 2, box[2] + 6, box[3] + 4), fill=(0, 0, 0))
-        draw.rectangle((8, y + 2, 20, box[3] - 2), fill=CLASS_COLOURS[name])
-        draw.text((26, y), text, fill=(255, 255, 255), font=font)
-        y = box[3] + 8
+    names = CLASSES + ((UNCERTAIN,) if counts.get(UNCERTAIN) else ())  # a forest without a threshold has none
+    texts = [f"{name.replace('_', ' ')}: {counts.get(name, 0)}" for name in names]
+    measure = ImageDraw.Draw(frame_image)
+    boxes = [measure.textbbox((0, 0), text, font=font) for text in texts]
+    row = max(b[3] for b in boxes) + 8
+    panel = max(b[2] for b in boxes) + 36
+    width, height = frame_image.size
+    image = Image.new("RGB", (width + panel, max(height, 6 + row * len(texts))), (0, 0, 0))
+    image.paste(frame_image, (0, 0))
+    draw = ImageDraw.Draw(image)
+    for i, (name, text) in enumerate(zip(names, texts)):
+        x, y = width + 8, 6 + i * row
+        draw.rectangle((x, y + 2, x + 12, y + row - 10), fill=CLASS_COLOURS[name])
+        draw.text((x + 18, y), text, fill=(255, 255, 255), font=font)
     if analysis.out_of_domain:
-        _banner(draw, image.size, font, "OUT OF MODEL DOMAIN: " + analysis.out_of_domain[0])
+        _banner(draw, (width, height), font, "OUT OF MODEL DOMAIN: " + analysis.out_of_domain[0])
     return image
 
 

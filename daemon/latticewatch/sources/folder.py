@@ -23,14 +23,17 @@ When is an image complete?
 * Never opened, one error event each, left in place: anything that is not a regular file (a FIFO
   would block the reader until someone writes to it; sockets, devices), a symbolic link that
   leads out of the watched folder (links inside it are followed), a path too long for the system
-  to open (longer than ``PATH_MAX``, or a folder that cannot be listed), and a file the daemon has
+  to open (longer than ``PATH_MAX``), a folder that cannot be listed (at start, or when it appears:
+  one error with id ``<source>:<folder>/``, e.g. the first folder of a chain whose path exceeds
+  ``PATH_MAX``; nothing below it is seen), and a file the daemon has
   no permission to read (once it has settled; it is tried again when it changes).
 * mdoc problems: an mdoc larger than `latticewatch.io.mdoc.MAX_MDOC_BYTES`, or one that holds
   no ``[ZValue = N]`` section once settled, gives one error event (id ``<source>:<stack>.mdoc``)
   and its stack is analysed as if it had none; an mdoc listing sections past the end of a
   settled stack gives one error event per missing section (``<stack>#<N>``). The last section of
   a settled mdoc counts even when its last line has no newline.
-* An MRC header whose declared extended header is larger than the file, or whose declared data
+* An MRC header whose declared extended header is larger than the file, whose section is larger
+  than the readers' ``max_pixels`` (`latticewatch.io.readers.DEFAULT_MAX_PIXELS`), or whose declared data
   is absurd (`latticewatch.io.readers.mrc.MAX_DECLARED_BYTES`), is refused once the file has
   settled; headers are read 1024 bytes at a time, never through mrcfile while waiting.
 * On start every existing file is examined, so files and sections that arrived while the
@@ -222,9 +225,13 @@ class FolderSource:
     def _observer(self, inbox: queue.SimpleQueue):
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+                if event.is_directory:
+                    if event.event_type in ("created", "moved"):  # a new folder: can it be watched?
+                        inbox.put(("folder", path))
                 # opens and read-only closes are also our own reads: they change nothing
-                if not event.is_directory and event.event_type not in ("opened", "closed_no_write"):
-                    inbox.put((event.event_type, os.fsdecode(getattr(event, "dest_path", "") or event.src_path)))
+                elif event.event_type not in ("opened", "closed_no_write"):
+                    inbox.put((event.event_type, path))
 
         observer = PollingObserver(timeout=self.poll_interval_s) if self.polling else Observer()
         observer.schedule(Handler(), str(self.root), recursive=self.recursive)
@@ -262,15 +269,26 @@ class FolderSource:
                     found.add(tracked.path)
         if found:
             log.info("%s: examining %d existing file(s) in %s", self.name, len(found), self.root)
-        problems = []
-        for err in unlisted:
-            where = printable(os.fsdecode(err.filename or ""))
-            rel = printable(Path(os.fsdecode(err.filename or "")).relative_to(self.root).as_posix())
-            problem = f"{where}: folder cannot be listed ({err.strerror}); its files are not watched"
-            log.error("%s: %s", self.name, problem)
-            self.counters["rejected"] += 1
-            problems.append(Rejected(f"{self.name}:{rel}/", where, problem))
-        return found, problems
+        return found, [self._unlisted(err) for err in unlisted]
+
+    def _unlisted(self, err: OSError) -> Rejected:
+        """One `Rejected` (id ``<source>:<folder>/``) for a folder that cannot be listed, so not watched."""
+        where = printable(os.fsdecode(err.filename or ""))
+        rel = printable(Path(os.fsdecode(err.filename or "")).relative_to(self.root).as_posix())
+        problem = f"{where}: folder cannot be listed ({err.strerror}); its files are not watched"
+        log.error("%s: %s", self.name, problem)
+        self.counters["rejected"] += 1
+        return Rejected(f"{self.name}:{rel}/", where, problem)
+
+    def _new_folder(self, path: Path) -> Iterator[Rejected]:
+        """A folder that appeared: watchdog silently skips one it cannot watch (a path over PATH_MAX …)."""
+        try:
+            with os.scandir(path):
+                pass
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # gone or replaced already: nothing to watch
+        except OSError as err:
+            yield self._unlisted(err)
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -290,6 +308,9 @@ class FolderSource:
                     except queue.Empty:
                         break
                     path = Path(raw)
+                    if kind == "folder":
+                        yield from self._new_folder(path)
+                        continue
                     tracked = self._track(path) if kind != "deleted" else self._files.get(path)
                     if tracked is None:
                         continue

@@ -19,7 +19,14 @@ from functools import partial
 
 import numpy as np
 
-from latticewatch.io.readers.core import Plane, ReadContext, check_shape, jsonable, set_pixel_size
+from latticewatch.io.readers.core import (
+    DEFAULT_MAX_PIXELS,
+    Plane,
+    ReadContext,
+    check_shape,
+    jsonable,
+    set_pixel_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +86,14 @@ def _raw_header(raw: bytes) -> np.ndarray | None:
     return little if order == "<" else np.frombuffer(raw, HEADER_DTYPE.newbyteorder(">"))[0]
 
 
-def mrc_layout(path: str | os.PathLike[str]) -> MrcLayout | None:
+def mrc_layout(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> MrcLayout | None:
     """nz and how many sections the file holds, from its first 1024 bytes alone; None if not parseable (yet).
 
     mrcfile reads the extended header even for a header-only open, allocating ``nsymbt`` bytes, so
     a header declaring ``nsymbt = 2³¹−1`` costs 2 GB per look; this reads 1024 bytes whatever the
-    header says. ``problem`` is set when the declared extended header is larger than the file or
-    the declared data larger than `MAX_DECLARED_BYTES`.
+    header says. ``problem`` is set when the declared extended header is larger than the file, a
+    section larger than ``max_pixels`` (no reader would ever accept it: waiting for its bytes would
+    be waiting forever) or the declared data larger than `MAX_DECLARED_BYTES`.
 
     Examples
     --------
@@ -115,6 +123,8 @@ def mrc_layout(path: str | os.PathLike[str]) -> MrcLayout | None:
     problem = None
     if nsymbt < 0 or 1024 + nsymbt > size:
         problem = f"the header declares an extended header of {nsymbt} bytes but the file has only {size} bytes"
+    elif nx * ny > max_pixels:
+        problem = f"declared size {nx}×{ny} = {nx * ny} pixels exceeds max_pixels={max_pixels}"
     elif nz * section_bytes > MAX_DECLARED_BYTES:
         problem = (f"the header declares {nz} section(s) of {nx}×{ny} ({nz * section_bytes} bytes), "
                    f"above the {MAX_DECLARED_BYTES} bytes any stack may hold")
@@ -130,7 +140,7 @@ def _read_header(ctx: ReadContext) -> tuple[np.recarray, np.recarray, list[str]]
     """
     import mrcfile
 
-    layout = mrc_layout(ctx.path)
+    layout = mrc_layout(ctx.path, ctx.max_pixels)
     if layout is not None and layout.problem is not None:
         raise ctx.error(layout.problem)
     with _recorded_warnings(ctx):
