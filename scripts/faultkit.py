@@ -39,10 +39,12 @@ def free_port() -> int:
 
 def write_config(root: Path, *, folder: str | None = "incoming", stream: str | None = None,
                  profile: str = "nanoparticles", settle_s: float = 0.3, outputs: bool = True,
-                 archive: bool = True, queue_size: int = 4, extra: str = "") -> Path:
+                 archive: bool = True, queue_size: int = 4, stream_queue: int | None = None,
+                 extra: str = "") -> Path:
     """``root/lw.toml``: a folder source ``scope`` (``root/folder``) and/or a ZeroMQ PULL source ``cam``.
 
-    ``stream`` is the endpoint the daemon connects to (the sender binds it). With ``outputs`` the publisher,
+    ``stream`` is the endpoint the daemon connects to (the sender binds it); ``stream_queue`` its
+    ``high_water_mark`` (None: the daemon's default). With ``outputs`` the publisher,
     metrics and dashboard listen on free ports of 127.0.0.1 (read them back with `output_ports`).
     """
     lines = [f'profile = "{profile}"', 'data_dir = "data"', "[runtime]", "threads = 1", f"queue_size = {queue_size}",
@@ -57,6 +59,8 @@ def write_config(root: Path, *, folder: str | None = "incoming", stream: str | N
         lines += ["[sources.scope]", 'kind = "folder"', f'path = "{folder}"', f"settle_s = {settle_s}"]
     if stream is not None:
         lines += ["[sources.cam]", 'kind = "zmq"', f'address = "{stream}"', 'socket = "pull"']
+        if stream_queue is not None:
+            lines.append(f"high_water_mark = {stream_queue}")
     config = root / "lw.toml"
     config.write_text("\n".join(lines) + "\n" + extra)
     return config

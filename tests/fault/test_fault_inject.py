@@ -1,7 +1,9 @@
 """`scripts/fault-inject`, small: SIGKILLs during a replay for both sources, and bad consumers beside the pipeline.
 
-The full run (N=1000, K=20) is the README's figure; here N=60, K=3 per source. The rate comparison is not
-timing-flaky: the same fixed number of frames with and without the bad consumers, passing at half the rate.
+The full run (N=1000, K=20) is the README's figure; here N=60, K=3 per source, the last kill once every frame is
+out (a stream whose end went down with the daemon once left the run waiting for frames nobody would name). The rate
+comparison is not timing-flaky: the same fixed number of frames with and without the bad consumers, passing at half
+the rate.
 """
 
 import json
@@ -27,6 +29,8 @@ def test_fault_inject_small(tmp_path):
             assert run["lost"] == 0 and run["analysed"] == 60, run
         else:  # what ZeroMQ held when the daemon was killed may be lost, but never silently
             assert run["loss_counted_exactly"] and run["analysed"] + run["reported_missing"] == 60, run
+            # the last kill comes once the whole series is out: what it lost is named by the series' end
+            assert run["kill_points"][-1]["at"] == 60, run["kill_points"]
     consumers = report["consumers"]
     assert consumers["with_bad_consumers"]["daemon_alive"]
     assert consumers["rate_ratio"] >= 0.5, consumers
