@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from latticewatch.frame import CLASSES
+from latticewatch.stages.defect_fraction import DefectConfusion
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,22 @@ def defect_confusion_counts(y: np.ndarray, predicted: np.ndarray) -> dict[str, l
         return [sf, nosf, int(labels.size) - sf - nosf]
 
     return {"true_stacking_fault": row(SF), "true_no_stacking_fault": row(NOSF)}
+
+
+def defect_confusion(y: np.ndarray, predicted: np.ndarray, data: str) -> DefectConfusion | None:
+    """The manifest's ``classifier.defect_confusion`` from held-out particles (``predicted`` −1 = uncertain);
+    ``None``, with a warning, when the truly SF or the truly no-SF particles were never labelled one of the
+    two: such a row measures nothing.
+
+    >>> defect_confusion(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 3]), "held-out crops").true_no_stacking_fault
+    (0, 1, 1)
+    """
+    counts = defect_confusion_counts(y, predicted)
+    if not sum(counts["true_stacking_fault"][:2]) or not sum(counts["true_no_stacking_fault"][:2]):
+        log.warning("the held-out images hold too few stacking-fault / no-fault particles labelled as either to "
+                    "measure the classifier's confusion; the defect fraction will not be corrected for it")
+        return None
+    return DefectConfusion(**counts, data=data)
 
 
 def classification_metrics(y: np.ndarray, probabilities: np.ndarray, uncertain_below: float | None) -> dict[str, Any]:

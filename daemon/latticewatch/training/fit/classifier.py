@@ -37,6 +37,7 @@ from latticewatch.models.manifest import (
 )
 from latticewatch.stages.features import FEATURE_NAMES, FFT_SIZE, region_features
 from latticewatch.stages.preprocess import Normalisation, preprocess
+from latticewatch.training.assess.classifier_metrics import defect_confusion
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,9 @@ def train_classifier(
     if absent:
         log.warning("classes %s occur only in the test images; the forest cannot predict them", absent)
     forest = train_forest(features.X[train], features.y[train], seed=seed)
-    metrics = forest_metrics(forest, features.X[test], features.y[test])
+    predicted = forest.predict(features.X[test])
+    metrics = forest_metrics(features.y[test], predicted)
+    confusion = defect_confusion(features.y[test], predicted, features.source)
     metrics.update(_split_summary(features, train, test, test_fraction, seed))
     forest.n_jobs = 1  # inference runs single-threaded inside the pipeline
     old = manifest.classifier if manifest.classifier and manifest.classifier.kind == "forest" else None
@@ -278,7 +281,7 @@ def train_classifier(
         m["files"].update(digests)
         m["classifier"] = {"kind": "forest", "arrays": arrays, "skops": skops, "classes": list(CLASSES),
                            "features": list(FEATURE_NAMES), "normalisation": feature_normalisation(manifest),
-                           "defect_confusion": defect_confusion(metrics["confusion_matrix"], features.source)}
+                           "defect_confusion": None if confusion is None else confusion.model_dump(mode="json")}
         m["training"]["classifier"] = {"command": command, "data": features.source, "metrics": metrics}
 
     with forest_files(out, forest, skops=skops, arrays=arrays) as digests:
@@ -286,27 +289,6 @@ def train_classifier(
         updated = update_manifest(out, change, dry_run=True)
     write_manifest(out, updated)
     return ClassifierResult(updated, metrics, tuple(features.skipped))
-
-
-def defect_confusion(confusion_matrix: list[list[int]], data: str) -> dict[str, Any] | None:
-    """The manifest's ``classifier.defect_confusion`` from a held-out confusion matrix over `CLASSES`
-    (rows: true class; any further column, such as ``uncertain``, counts as another label): per
-    stacking-fault and no-fault row, the particles labelled stacking_fault, no_stacking_fault and
-    anything else; ``None`` when the held-out set has no particle of one of the two labelled either
-    of them (it would measure nothing).
-
-    >>> m = [[9, 1, 0, 0, 0], [2, 8, 1, 0, 0]] + [[0] * 5] * 3
-    >>> defect_confusion(m, "held-out crops")
-    {'true_stacking_fault': [9, 1, 0], 'true_no_stacking_fault': [2, 8, 1], 'data': 'held-out crops'}
-    """
-    sf, nosf = CLASSES.index("stacking_fault"), CLASSES.index("no_stacking_fault")
-    rows = [[int(counts[sf]), int(counts[nosf]), int(sum(counts) - counts[sf] - counts[nosf])]
-            for counts in (confusion_matrix[sf], confusion_matrix[nosf])]
-    if not all(sum(row[:2]) for row in rows):
-        log.warning("the held-out images hold too few stacking-fault / no-fault particles to measure the "
-                    "classifier's confusion; the defect fraction will not be corrected for it")
-        return None
-    return {"true_stacking_fault": rows[0], "true_no_stacking_fault": rows[1], "data": data}
 
 
 def write_forest_arrays(directory: Path) -> Manifest:
@@ -358,5 +340,5 @@ def _split_summary(features: FeatureSet, train: np.ndarray, test: np.ndarray, te
     }
 
 
-__all__ = ["CropRow", "FeatureSet", "crop_features", "defect_confusion", "features_from_index", "read_crop_index",
+__all__ = ["CropRow", "FeatureSet", "crop_features", "features_from_index", "read_crop_index",
            "split_by_image", "synthetic_features", "train_classifier", "write_forest_arrays"]

@@ -38,7 +38,7 @@ from latticewatch.stages.preprocess import preprocess, resample
 from latticewatch.training.assess.classifier_metrics import (
     classification_metrics,
     condition_tables,
-    defect_confusion_counts,
+    defect_confusion,
     particle_conditions,
     predicted_labels,
 )
@@ -352,7 +352,8 @@ def train_cnn_classifier(out: Path, crops: CropSet, config: CnnTrainingConfig, *
     val_p = predict(net, crops, split["validation"], config.spec)
     threshold, rule = choose_uncertain_below(crops.y[split["validation"]], val_p, target=config.target_accuracy,
                                              min_coverage=config.min_coverage)
-    confusion = _defect_confusion(crops.y[split["validation"]], predicted_labels(val_p, threshold), crops.source)
+    confusion = defect_confusion(crops.y[split["validation"]], predicted_labels(val_p, threshold),
+                                 f"validation images of {crops.source}")
     test_p = predict(net, crops, split["test"], config.spec)
     y_test = crops.y[split["test"]]
     metrics: dict[str, Any] = {
@@ -371,17 +372,6 @@ def train_cnn_classifier(out: Path, crops: CropSet, config: CnnTrainingConfig, *
     metrics["balanced_accuracy"] = metrics["test"]["balanced_accuracy"]
     manifest = _write_cnn(out, net, config, threshold, confusion, metrics, command, crops.source)
     return CnnResult(manifest, metrics, tuple(crops.skipped))
-
-
-def _defect_confusion(y: np.ndarray, predicted: np.ndarray, source: str):
-    from latticewatch.stages.defect_fraction import DefectConfusion
-
-    counts = defect_confusion_counts(y, predicted)
-    # a row whose particles were all labelled another class or uncertain measures nothing
-    if not sum(counts["true_stacking_fault"][:2]) or not sum(counts["true_no_stacking_fault"][:2]):
-        log.warning("validation images lack SF or no-SF particles labelled SF or no-SF: no defect_confusion recorded")
-        return None
-    return DefectConfusion(**counts, data=f"validation images of {source}")
 
 
 def _split_summary(crops: CropSet, split: dict[str, np.ndarray], config: CnnTrainingConfig) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def build_synthetic_profile(
             "classifier": {"command": command,
                            "data": f"analytic generator, {n_regions_per_class} regions per class "
                                    f"(+ {len(y_test)} held out)",
-                           "metrics": forest_metrics(forest, X_test, y_test)},
+                           "metrics": forest_metrics(y_test, forest.predict(X_test))},
         },
     )
 
