@@ -50,7 +50,7 @@ def score_crops(directory: Path, manifest: Manifest, index: Path, *, threads: in
     from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
     from latticewatch.stages.classify import FlatForest
     from latticewatch.training.assess.classifier_metrics import particle_conditions
-    from latticewatch.training.fit.classifier import features_from_index
+    from latticewatch.training.fit.classifier import crops_dataset, features_from_index
     from latticewatch.training.fit.cnn_classifier import crop_input, crops_from_index
 
     section = manifest.classifier
@@ -70,7 +70,7 @@ def score_crops(directory: Path, manifest: Manifest, index: Path, *, threads: in
     flat = FlatForest.load(directory / section.arrays)
     proba = np.zeros((len(features.y), len(section.classes)))
     proba[:, [int(c) for c in flat.classes_]] = flat.predict_proba(features.X)
-    dataset = index.parent.parent if index.parent.name == "crops" else index.parent
+    dataset = crops_dataset(index)
     conditions = [particle_conditions(dataset, g, int(i)) for g, i in zip(features.groups, features.instances)]
     return CropScores(features.y, _in_class_order(proba, section.classes), features.groups, conditions,
                       tuple(features.skipped))

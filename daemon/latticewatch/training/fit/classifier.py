@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,6 +41,7 @@ from latticewatch.stages.preprocess import Normalisation, preprocess
 from latticewatch.training.assess.classifier_metrics import defect_confusion
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INDEX_COLUMNS = ("crop", "mask", "class", "image", "instance", "pixel_size_nm")
 
@@ -147,8 +149,18 @@ class FeatureSet:
     instances: np.ndarray | None = None  # the crop's instance in its source image (index rows only)
 
 
-def features_from_index(index: Path, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
-    """Features of every crop listed in ``index``; unreadable crops are skipped and listed."""
+def crops_dataset(index: Path) -> Path:
+    """The data set a crops index belongs to: ``simulate`` writes ``DIR/crops/index.csv``, so ``DIR``."""
+    index = Path(index)
+    return index.parent.parent if index.parent.name == "crops" else index.parent
+
+
+def read_index_crops(index: Path, describe: Callable[[np.ndarray, np.ndarray, float | None], T], *,
+                     progress: bool = False) -> tuple[list[tuple[CropRow, T]], list[str]]:
+    """``describe(pixels, mask, pixel_size_nm)`` of every crop of ``index``, with its row; a crop that cannot
+    be read or described is skipped and named with its problem (the second list). Raises `CropIndexError`
+    when none could be used. The one loop over a crops index, for the forest's features and the CNN's crops.
+    """
     from tqdm import tqdm
 
     from latticewatch.io.readers import ReadError, read_frames
@@ -156,30 +168,31 @@ def features_from_index(index: Path, manifest: Manifest, *, progress: bool = Fal
 
     index = Path(index)
     rows = read_crop_index(index)
-    base = index.parent
-    X, y, groups, instances, skipped = [], [], [], [], []
+    described, skipped = [], []
     for row in tqdm(rows, desc="crops", unit="crop", disable=not progress):
-        crop_path, mask_path = base / row.crop, base / row.mask
+        crop_path, mask_path = index.parent / row.crop, index.parent / row.mask
         try:
             frame = next(iter(read_frames(crop_path)))
             mask = read_mask(mask_path)
             if mask.shape != frame.pixels.shape:
                 raise InputError(f"mask {mask_path} is {mask.shape}, crop is {frame.pixels.shape}")
-            pixel_size = row.pixel_size_nm or frame.pixel_size_nm
-            feats = crop_features(frame.pixels, mask, pixel_size, manifest)
-        except (ReadError, OSError, StopIteration, LabelledDataError, ValueError) as err:
+            described.append((row, describe(frame.pixels, mask, row.pixel_size_nm or frame.pixel_size_nm)))
+        except (ReadError, OSError, StopIteration, LabelledDataError, ValueError) as err:  # InputError included
             skipped.append(f"{crop_path}: {err}")
-            continue
-        X.append([feats[f] for f in FEATURE_NAMES])
-        y.append(CLASSES.index(row.label))
-        groups.append(row.image)
-        instances.append(row.instance)
-    if not X:
+    if not described:
         raise CropIndexError(f"{index}: none of the {len(rows)} crops could be used; first problem: {skipped[0]}")
-    # simulate writes DIR/crops/index.csv: DIR is the data set
-    dataset = index.parent.parent if index.parent.name == "crops" else index.parent
-    return FeatureSet(np.array(X), np.array(y), np.array(groups), skipped,
-                      f"crops index {relative_path(index, dataset)}", np.array(instances))
+    return described, skipped
+
+
+def features_from_index(index: Path, manifest: Manifest, *, progress: bool = False) -> FeatureSet:
+    """Features of every crop listed in ``index``; unreadable crops are skipped and listed."""
+    described, skipped = read_index_crops(
+        index, lambda pixels, mask, px: crop_features(pixels, mask, px, manifest), progress=progress)
+    return FeatureSet(np.array([[feats[f] for f in FEATURE_NAMES] for _, feats in described]),
+                      np.array([CLASSES.index(row.label) for row, _ in described]),
+                      np.array([row.image for row, _ in described]), skipped,
+                      f"crops index {relative_path(index, crops_dataset(index))}",
+                      np.array([row.instance for row, _ in described]))
 
 
 def synthetic_features(n_per_class: int, seed: int, manifest: Manifest, *, progress: bool = False) -> FeatureSet:

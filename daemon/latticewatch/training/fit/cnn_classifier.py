@@ -42,7 +42,7 @@ from latticewatch.training.assess.classifier_metrics import (
     particle_conditions,
     predicted_labels,
 )
-from latticewatch.training.fit.classifier import CropIndexError, read_crop_index, split_by_image
+from latticewatch.training.fit.classifier import crops_dataset, read_index_crops, split_by_image
 
 log = logging.getLogger(__name__)
 
@@ -106,33 +106,14 @@ def model_crop(pixels: np.ndarray, mask: np.ndarray, pixel_size_nm: float | None
 
 def crops_from_index(index: Path, manifest: Manifest, *, progress: bool = False) -> CropSet:
     """Every readable crop of ``index`` at the model's sampling; the others are skipped and listed."""
-    from tqdm import tqdm
-
-    from latticewatch.io.readers import ReadError, read_frames
-    from latticewatch.training.data.labelled import LabelledDataError, read_mask
-
-    index = Path(index)
-    rows = read_crop_index(index)
-    dataset = index.parent.parent if index.parent.name == "crops" else index.parent
-    out = CropSet([], [], np.zeros(0, int), np.zeros(0, str), [], f"crops index {relative_path(index, dataset)}")
-    y, groups = [], []
-    for row in tqdm(rows, desc="crops", unit="crop", disable=not progress):
-        try:
-            frame = next(iter(read_frames(index.parent / row.crop)))
-            image, region = model_crop(frame.pixels, read_mask(index.parent / row.mask),
-                                       row.pixel_size_nm or frame.pixel_size_nm, manifest)
-        except (ReadError, OSError, StopIteration, LabelledDataError, ValueError, InputError) as err:
-            out.skipped.append(f"{index.parent / row.crop}: {err}")
-            continue
-        out.images.append(image)
-        out.masks.append(region)
-        out.conditions.append(particle_conditions(dataset, row.image, row.instance))
-        y.append(CLASSES.index(row.label))
-        groups.append(row.image)
-    if not y:
-        raise CropIndexError(f"{index}: none of the {len(rows)} crops could be used")
-    out.y, out.groups = np.array(y), np.array(groups)
-    return out
+    described, skipped = read_index_crops(
+        index, lambda pixels, mask, px: model_crop(pixels, mask, px, manifest), progress=progress)
+    dataset = crops_dataset(index)
+    return CropSet([image for _, (image, _) in described], [region for _, (_, region) in described],
+                   np.array([CLASSES.index(row.label) for row, _ in described]),
+                   np.array([row.image for row, _ in described]),
+                   [particle_conditions(dataset, row.image, row.instance) for row, _ in described],
+                   f"crops index {relative_path(index, dataset)}", skipped)
 
 
 def synthetic_crops(n_per_class: int, seed: int, manifest: Manifest, *, size_px: int = 128) -> CropSet:
