@@ -116,6 +116,23 @@ def command_line(args: argparse.Namespace) -> str:
     return recorded_command(getattr(args, "argv", None) or [], dataset)
 
 
+def print_confusion(rows: list[str], columns: list[str], matrix: list[list[int]]) -> None:
+    """A classifier's confusion matrix on stdout: a row per true class, a column per label.
+
+    >>> print_confusion(["stacking_fault", "empty"], ["stacking_fault", "empty"], [[3, 1], [0, 4]])
+    confusion matrix on the held-out crops (rows: true class, columns: label)
+                            SF       empty
+    stacking_fault           3           1
+    empty                    0           4
+    """
+    short = [c.replace("no_stacking_fault", "no SF").replace("stacking_fault", "SF")[:10] for c in columns]
+    width = max(len(r) for r in rows)
+    print("confusion matrix on the held-out crops (rows: true class, columns: label)")
+    print(" " * width + "  " + "  ".join(f"{s:>10}" for s in short))
+    for name, row in zip(rows, matrix):
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>10d}" for v in row))
+
+
 @contextlib.contextmanager
 def needs_extra(what: str, extra: str = "train", package: str = "torch") -> Iterator[None]:
     """Turn an `ImportError` inside the block into ``<what> needs the [<extra>] extra``.

@@ -19,10 +19,12 @@ from latticewatch.cli.common import (
     baseline_names,
     command_line,
     exit_code,
+    print_confusion,
     progress_enabled,
     report_failure,
 )
 from latticewatch.errors import ConfigError
+from latticewatch.frame import CLASSES
 
 _HELP = """\
 Score a profile's particle segmentation against labelled micrographs, and in the same run the
@@ -145,11 +147,7 @@ def evaluate_classifier_command(args: argparse.Namespace) -> int:
 
     print(f"{manifest.name}@{manifest.version} ({result['kind']}) on {result['n_crops']} crops from "
           f"{result['n_images']} image(s); uncertain below {m['uncertain_below']}")
-    columns = [c.replace("no_stacking_fault", "no SF").replace("stacking_fault", "SF")[:10]
-               for c in m["confusion_columns"]]
-    print("confusion (rows: true class, columns: label)\n" + " " * 18 + "".join(f"{c:>11}" for c in columns))
-    for name, row in zip(m["confusion_columns"], m["confusion_matrix"]):
-        print(f"{name:<18}" + "".join(f"{v:>11d}" for v in row))
+    print_confusion(list(CLASSES), m["confusion_columns"], m["confusion_matrix"])
     print(f"balanced accuracy {number(m['balanced_accuracy'])} on the {number(m['coverage'])} labelled (all, no "
           f"abstaining: {number(m['balanced_accuracy_all'])}); SF vs no SF {number(m['sf_vs_nosf_balanced_accuracy'])} "
           f"(forced: {number(m['sf_vs_nosf_balanced_accuracy_forced'])})")

@@ -18,9 +18,11 @@ from latticewatch.cli.common import (
     baseline_names,
     command_line,
     needs_extra,
+    print_confusion,
     progress_enabled,
 )
 from latticewatch.errors import ConfigError, InputError
+from latticewatch.frame import CLASSES
 from latticewatch.models.architectures import ARCHITECTURES, DEFAULT_WIDTHS
 
 if TYPE_CHECKING:  # the parser is built without the training code; it is imported only to run a command
@@ -352,16 +354,6 @@ def cmd_cross_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_confusion(metrics: dict) -> None:
-    classes = metrics["classes"]
-    short = [c.replace("no_stacking_fault", "no SF").replace("stacking_fault", "SF")[:10] for c in classes]
-    width = max(len(c) for c in classes)
-    print("confusion matrix on the held-out images (rows: true class, columns: predicted)")
-    print(" " * width + "  " + "  ".join(f"{s:>10}" for s in short))
-    for name, row in zip(classes, metrics["confusion_matrix"]):
-        print(f"{name:<{width}}  " + "  ".join(f"{v:>10d}" for v in row))
-
-
 def train_classifier_command(args: argparse.Namespace) -> int:
     from latticewatch.models.manifest import read_manifest
 
@@ -388,7 +380,7 @@ def train_classifier_command(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"{m['n_train']} training regions from {m['n_images_train']} image(s), {m['n_test']} test regions from "
           f"{m['n_images_test']} other image(s)")
-    _print_confusion(m)
+    print_confusion(m["classes"], m["classes"], m["confusion_matrix"])
     print(f"balanced accuracy on the held-out images: {m['balanced_accuracy']:.3f}")
     print(f"forest written to {args.out / result.manifest.classifier.skops}; manifest updated")
     return EXIT_OK
@@ -441,8 +433,7 @@ def _print_cnn_report(m: dict) -> None:
     print(f"{m['n_train']} training crops from {m['n_images_train']} image(s), {m['n_validation']} validation from "
           f"{m['n_images_validation']}, {m['n_test']} test from {m['n_images_test']}; best step {m['best_step']}")
     print(f"uncertain below {test['uncertain_below']} ({m['uncertain_below_rule']})")
-    _print_confusion({"classes": list(test["confusion_columns"][:-1]), "confusion_matrix": [
-        row[:-1] for row in test["confusion_matrix"]]})
+    print_confusion(list(CLASSES), test["confusion_columns"], test["confusion_matrix"])
     print(f"test: balanced accuracy {number(test['balanced_accuracy'])} on the {number(test['coverage'])} labelled "
           f"(all, no abstaining: {number(test['balanced_accuracy_all'])}); SF vs no SF "
           f"{number(test['sf_vs_nosf_balanced_accuracy'])} "
