@@ -84,3 +84,76 @@ def test_solidity_of_known_shapes():
     assert solidity(ell) == pytest.approx(51 / 75.5)
     two_touching_discs = disc((60, 100), (30, 30), 20) | disc((60, 100), (30, 68), 20)
     assert solidity(two_touching_discs) < 0.9 < solidity(disc((60, 60), (30, 30), 20))
+
+
+def _reference_regions(mask):
+    """The plain implementation the fast `isolate` replaced: skimage's regionprops, and the hull of the
+    corners of every boundary pixel for the solidity."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+    from skimage.measure import regionprops
+
+    out = []
+    for props in regionprops(ndimage.label(mask)[0]):
+        region = props.image
+        ys, xs = np.nonzero(region & ~ndimage.binary_erosion(region))
+        corners = np.concatenate([np.column_stack([ys + dy, xs + dx]) for dy in (0, 1) for dx in (0, 1)])
+        out.append((props.label, props.bbox, props.centroid, props.area, props.eccentricity,
+                    props.area / ConvexHull(corners).volume))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_isolate_measures_like_regionprops(seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((160, 140)), 3) > 0.5  # irregular, concave, on the border
+    mask[70:73, 20] = True  # a line: eccentricity 1
+    mask[100, 100] = True  # a single pixel: eccentricity 0
+    _, regions = isolate(mask)
+    reference = _reference_regions(mask)
+    assert len(regions) == len(reference) > 10
+    for r, (label, bbox, centroid, area, eccentricity, solidity) in zip(regions, reference):
+        assert (r.label, r.bbox, r.centroid, r.area_px) == (label, bbox, centroid, area)
+        assert r.eccentricity == pytest.approx(eccentricity, rel=1e-9, abs=1e-12)
+        assert r.solidity == pytest.approx(solidity, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clean_labels_are_the_labels_of_the_clean_mask(seed):
+    from scipy import ndimage
+
+    from latticewatch.stages.isolate import clean_labels
+
+    rng = np.random.default_rng(seed)
+    prob = ndimage.gaussian_filter(rng.random((200, 180)), 2.5).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    params = IsolationParams(min_area_nm2=0.5)  # drops some components, keeps others
+    labels = clean_labels(prob, params, 0.05)
+    reference, n = ndimage.label(clean_mask(prob, params, 0.05))
+    assert n > 3 and labels.dtype == reference.dtype
+    np.testing.assert_array_equal(labels, reference)
+    assert ndimage.label(prob >= params.threshold)[1] > n  # small components were dropped
+
+
+def _mask_without_holes(case):
+    mask = np.zeros((40, 50), bool)
+    if case == "no holes":
+        mask[10:20, 10:30] = True
+    elif case == "foreground on the border":
+        mask[0:15, 0:50] = True
+        mask[30:40, 20:25] = True
+    elif case == "all foreground":
+        mask[:] = True
+    return mask
+
+
+@pytest.mark.parametrize("case", ["no holes", "foreground on the border", "all foreground", "all background"])
+def test_fill_holes_without_holes_equals_scipy(case):
+    from scipy import ndimage
+
+    from latticewatch.stages.isolate import fill_holes
+
+    mask = _mask_without_holes(case)
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))

@@ -4,6 +4,7 @@ from scipy import ndimage
 
 from latticewatch.stages.preprocess import (
     bezier_background,
+    exact_block_sums,
     median3x3,
     normalise,
     pad_to_multiple,
@@ -12,12 +13,44 @@ from latticewatch.stages.preprocess import (
 )
 
 
-@pytest.mark.parametrize("shape", [(16, 16), (17, 33), (64, 5), (3, 3)])
-@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.int8])
+@pytest.mark.parametrize("shape", [(16, 16), (17, 33), (64, 5), (3, 3), (1, 6), (97, 40)])  # 97: strips of 32 + 1
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.int8, np.uint32])
 def test_median3x3_equals_scipy_reference(shape, dtype):
     rng = np.random.default_rng(1)
     x = (rng.random(shape) * 100 - (50 if np.issubdtype(dtype, np.signedinteger) else 0)).astype(dtype)
     np.testing.assert_array_equal(median3x3(x), ndimage.median_filter(x, 3, mode="reflect"))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 16])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.int8])
+@pytest.mark.parametrize("counts", ["full range", "low dose"])  # 32- and 16-bit sums
+def test_integer_frames_preprocess_exactly_like_the_float_reference(k, dtype, counts):
+    # the fast path (integer block sums, median, then divide) against the plain one it replaces:
+    # float32 block means, then the median; bit-identical
+    info = np.iinfo(dtype)
+    lo, hi = (info.min, info.max) if counts == "full range" else (max(info.min, -20), 120)
+    x = np.random.default_rng(k).integers(lo, hi, (203, 150), endpoint=True).astype(dtype)
+    reference = normalise(median3x3(resample(x.astype(np.float32), 1 / k)), "zscore")
+    out = preprocess(x, 0.01, normalisation="zscore", model_pixel_size_nm=0.01 * k)
+    assert out.image.dtype == np.float32
+    np.testing.assert_array_equal(out.image, reference)
+
+
+def test_exact_block_sums_refuses_what_float32_cannot_hold():
+    assert exact_block_sums(np.ones((8, 8), np.float32), 2) is None
+    assert exact_block_sums(np.ones((8, 8), np.uint32), 2) is None
+    assert exact_block_sums(np.ones((40, 40), np.uint16), 17) is None  # 17² · 65535 ≥ 2²⁴
+    assert exact_block_sums(np.full((5, 7), 65535, np.uint16), 2).tolist() == [[4 * 65535] * 3] * 2
+
+
+@pytest.mark.parametrize(("dtype", "largest", "accumulator"), [
+    (np.uint16, 16383, np.uint16), (np.uint16, 16384, np.uint32), (np.uint8, 255, np.uint16),
+    (np.int16, 8191, np.int16), (np.int16, -8192, np.int32), (np.int8, -128, np.int16)])
+def test_exact_block_sums_stay_16_bit_while_they_fit(dtype, largest, accumulator):
+    x = np.zeros((6, 6), dtype)
+    x[2:4, 2:4] = largest
+    sums = exact_block_sums(x, 2)
+    assert sums.dtype == accumulator and int(sums[1, 1]) == 4 * largest
 
 
 def test_median_removes_xray_spike():

@@ -22,7 +22,7 @@ import numpy as np
 
 from latticewatch.errors import ModelError
 from latticewatch.frame import UNCERTAIN
-from latticewatch.stages.crops import CropSpec, classifier_input
+from latticewatch.stages.crops import CropSpec, labelled_inputs
 from latticewatch.stages.features import FEATURE_NAMES
 from latticewatch.stages.isolate import IsolatedRegion
 
@@ -255,7 +255,7 @@ class CnnRegionClassifier:
         """Verdicts for ``regions`` of ``labels`` (same shape as the model-resolution ``image``)."""
         if not regions:
             return []
-        crops = np.stack([classifier_input(image, labels == r.label, r.centroid, self.spec) for r in regions])
+        crops = labelled_inputs(image, labels, [(r.label, r.centroid) for r in regions], self.spec)
         proba = np.asarray(self.backend.predict(crops))
         if proba.shape != (len(regions), len(self.class_names)):
             raise ModelError(f"classifier returned probabilities of shape {proba.shape} for {len(regions)} regions "

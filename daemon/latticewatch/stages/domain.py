@@ -194,8 +194,10 @@ def out_of_domain(probability: np.ndarray, labels: np.ndarray, rules: DomainRule
     """
     reasons = []
     size = max(labels.size, 1)
-    if rules.max_spanning_region_fraction is not None and labels.any():
-        areas = np.bincount(labels.ravel())
+    # one pass over the labels gives both the largest region and the foreground
+    areas = np.bincount(labels.ravel(), minlength=1)
+    foreground = int(labels.size - areas[0])
+    if rules.max_spanning_region_fraction is not None and foreground:
         areas[0] = 0
         largest = int(areas.argmax())
         fraction = areas[largest] / size
@@ -203,7 +205,7 @@ def out_of_domain(probability: np.ndarray, labels: np.ndarray, rules: DomainRule
             reasons.append(f"one region spans the frame: {_percent(fraction)} of it, touching all four edges "
                            f"(limit {_percent(rules.max_spanning_region_fraction, 0)})")
     if rules.max_foreground_fraction is not None:
-        fraction = np.count_nonzero(labels) / size
+        fraction = foreground / size
         if fraction > rules.max_foreground_fraction:
             reasons.append(f"foreground covers {_percent(fraction)} of the frame "
                            f"(limit {_percent(rules.max_foreground_fraction, 0)})")

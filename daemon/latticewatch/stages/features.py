@@ -22,6 +22,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import scipy.fft
 
 FEATURE_NAMES: tuple[str, ...] = ("fft_mean", "fft_std", "fft_com", "real_mean", "real_std")
 #: FFT side in pixels; regions larger than this are centre-cropped (12.8 nm at 0.05 nm/px).
@@ -38,7 +39,14 @@ NOISE_FLOOR_CYCLES = 0.4
 
 @lru_cache(maxsize=8)
 def _fourier_geometry(pixel_size_nm: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Flat indices of the lattice band, their direction bins, bin counts, and noise-floor indices."""
+    """Where the lattice band and the noise floor sit in a real FFT, and the band's direction bins.
+
+    The bands are chosen on the full FFT_SIZE² plane; each of their points is then looked up in the
+    half plane a real-input FFT returns (power at −k equals power at k), so the band's bin sums and
+    the floor's median see exactly the points of the full plane, in the same order.
+    Returns the band's indices into the flattened half-plane power, their direction bins, the bin
+    counts, and the noise-floor indices.
+    """
     k = np.fft.fftfreq(FFT_SIZE)
     ky, kx = np.meshgrid(k, k, indexing="ij")
     radius = np.hypot(ky, kx)  # cycles/pixel
@@ -52,7 +60,13 @@ def _fourier_geometry(pixel_size_nm: float | None) -> tuple[np.ndarray, np.ndarr
     bins = np.minimum((angle / 180.0 * N_ANGLES).astype(np.intp), N_ANGLES - 1)
     counts = np.bincount(bins, minlength=N_ANGLES).astype(np.float64)
     noise = np.flatnonzero(radius >= floor)
-    return band, bins, np.maximum(counts, 1.0), noise
+    # full-plane (row, col) → half-plane index: columns past Nyquist mirror to (−row, −col)
+    rows, cols = np.indices((FFT_SIZE, FFT_SIZE))
+    mirrored = cols > FFT_SIZE // 2
+    rows = np.where(mirrored, -rows % FFT_SIZE, rows)
+    cols = np.where(mirrored, FFT_SIZE - cols, cols)
+    half = (rows * (FFT_SIZE // 2 + 1) + cols).ravel()
+    return half[band], bins, np.maximum(counts, 1.0), half[noise]
 
 
 #: Angular distance of each direction bin from bin 0, in degrees (the profile wraps at 180°).
@@ -62,7 +76,9 @@ _ANGLE_FROM_PEAK = np.minimum(np.arange(N_ANGLES), N_ANGLES - np.arange(N_ANGLES
 def angular_profile(crop: np.ndarray, pixel_size_nm: float | None) -> np.ndarray:
     """Lattice-band Fourier power per direction of a ≤ FFT_SIZE² crop, over its white-noise floor."""
     band, bins, counts, noise = _fourier_geometry(pixel_size_nm)
-    power = (np.abs(np.fft.fft2(crop, s=(FFT_SIZE, FFT_SIZE))) ** 2).ravel()
+    # the real FFT: a quarter of the complex one's time; both run in single precision on a float32 crop
+    # and round differently, ~1e-6 relative on a floor far below the lattice peaks
+    power = (np.abs(scipy.fft.rfft2(crop, s=(FFT_SIZE, FFT_SIZE))) ** 2).ravel()
     floor = float(np.median(power[noise]))
     profile = np.bincount(bins, weights=power[band], minlength=N_ANGLES) / counts
     return profile / floor if floor > 0 else profile

@@ -8,7 +8,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from skimage.measure import regionprops
 
 
 class IsolationParams(BaseModel):
@@ -43,22 +42,15 @@ def _radius_px(radius_nm: float, pixel_size_nm: float | None) -> int:
     return max(0, int(round(radius_nm / pixel_size_nm))) if pixel_size_nm else 1
 
 
-def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``out[y, x] = mask[y + dy, x + dx]``, False where that falls outside the image."""
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    target = (slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)))
-    out[target] = mask[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
-    return out
-
-
 def disk_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     """Binary erosion or dilation by ``skimage.morphology.disk(radius)``, outside = False.
 
     The disc is a stack of horizontal segments of half-width ⌊√(r² − dy²)⌋, so the result is an
     intersection (erosion) or union (dilation) of 2r + 1 shifted 1-D results, each built up from
-    the previous width: ~5r whole-image boolean operations instead of scipy's per-pixel loop over
-    every disc element (≈ 1 ms instead of 6–9 ms at 512²).
+    the previous width: ~4r whole-image boolean operations instead of scipy's per-pixel loop over
+    every disc element. The shifts are views into one False-padded copy, combined in place where
+    possible, instead of a zero-filled shifted copy per offset (≈ 1 ms instead of 6–9 ms at 512²).
+    The disc is symmetric, so erosion and dilation use the same offsets.
 
     Examples
     --------
@@ -66,16 +58,22 @@ def disk_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     >>> int(disk_morphology(mask, 1, erode=False).sum())  # a point grows into a radius-1 disc
     5
     """
+    if radius == 0:
+        return mask
     combine = np.logical_and if erode else np.logical_or
-    sign = 1 if erode else -1  # dilation reflects the structuring element (symmetric here anyway)
-    widths = [int(np.floor(np.sqrt(radius**2 - dy**2))) for dy in range(radius + 1)]
-    along_rows = {0: mask}
-    for w in range(1, max(widths) + 1):
-        along_rows[w] = combine(combine(along_rows[w - 1], _shifted(mask, 0, w)), _shifted(mask, 0, -w))
-    out = along_rows[widths[0]]
-    for dy in range(1, radius + 1):
+    h, w, r = *mask.shape, radius
+    padded = np.pad(mask, r)
+    widths = [int(np.floor(np.sqrt(r**2 - dy**2))) for dy in range(r + 1)]
+    # along_rows[k]: every row of `padded`, combined over horizontal offsets −k…k (central columns only)
+    along_rows = {0: padded[:, r : r + w]}
+    for k in range(1, max(widths) + 1):
+        row = combine(along_rows[k - 1], padded[:, r - k : r - k + w])
+        along_rows[k] = combine(row, padded[:, r + k : r + k + w], out=row)
+    out = along_rows[widths[0]][r : r + h].copy()
+    for dy in range(1, r + 1):
         segment = along_rows[widths[dy]]
-        out = combine(combine(out, _shifted(segment, sign * dy, 0)), _shifted(segment, -sign * dy, 0))
+        combine(out, segment[r - dy : r - dy + h], out=out)
+        combine(out, segment[r + dy : r + dy + h], out=out)
     return out
 
 
@@ -85,14 +83,17 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     if n == 0:
         return mask
     border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
-    enclosed = np.ones(n + 1, bool)
-    enclosed[border] = False
-    enclosed[0] = False
-    return mask | enclosed[background]
+    if np.count_nonzero(border) == n:  # every background component reaches the border: no holes
+        return mask
+    filled = np.ones(n + 1, bool)  # label 0 is the foreground itself
+    filled[border] = False
+    filled[0] = True
+    return filled[background]
 
 
-def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
-    """Threshold, open (removes speckle), close (joins fringe gaps), fill holes, drop small regions."""
+def _clean_components(probability: np.ndarray, params: IsolationParams,
+                      pixel_size_nm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The cleaned foreground's components (labels as ``ndimage.label`` numbers them) and which to keep."""
     mask = probability >= params.threshold
     r_open = _radius_px(params.opening_radius_nm, pixel_size_nm)
     r_close = _radius_px(params.closing_radius_nm, pixel_size_nm)
@@ -103,26 +104,58 @@ def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: 
         padded = np.pad(mask, r_close, mode="edge")
         closed = disk_morphology(disk_morphology(padded, r_close, erode=False), r_close, erode=True)
         mask = closed[r_close:-r_close, r_close:-r_close]
-    mask = fill_holes(mask)
-    labels, n = ndimage.label(mask)
-    if n:
-        areas = np.bincount(labels.ravel(), minlength=n + 1)
-        px_area = pixel_size_nm**2 if pixel_size_nm else 1.0
-        keep = areas * px_area >= params.min_area_nm2
-        keep[0] = False
-        mask = keep[labels]
-    return mask
+    labels, n = ndimage.label(fill_holes(mask))
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = areas * (pixel_size_nm**2 if pixel_size_nm else 1.0) >= params.min_area_nm2
+    keep[0] = False
+    return labels, keep
+
+
+def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
+    """Threshold, open (removes speckle), close (joins fringe gaps), fill holes, drop small regions.
+
+    Examples
+    --------
+    >>> prob = np.zeros((64, 64), np.float32); prob[10:50, 10:50] = 0.9; prob[60, 60] = 1.0
+    >>> clean = clean_mask(prob, IsolationParams(), 0.05)
+    >>> bool(clean[60, 60]), bool(clean[30, 30])  # the speckle is gone, the particle stays
+    (False, True)
+    """
+    labels, keep = _clean_components(probability, params, pixel_size_nm)
+    return keep[labels]
+
+
+def clean_labels(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
+    """`clean_mask`'s regions, labelled 1…n exactly as ``ndimage.label(clean_mask(...))`` labels them.
+
+    Dropping small components neither joins nor splits the others, and keeps their raster order, so
+    renumbering the kept ones gives the labels of the clean mask without labelling it a second time;
+    `measure` takes them from here.
+
+    Examples
+    --------
+    >>> prob = np.zeros((128, 128), np.float32); prob[5:40, 5:40] = prob[60:100, 60:100] = 0.9
+    >>> np.unique(clean_labels(prob, IsolationParams(), 0.05)).tolist()
+    [0, 1, 2]
+    """
+    labels, keep = _clean_components(probability, params, pixel_size_nm)
+    renumber = np.where(keep, np.cumsum(keep), 0).astype(labels.dtype)
+    return renumber[labels]
 
 
 def solidity(region: np.ndarray) -> float:
     """Pixel area over the area of the convex hull of the region's pixel squares.
 
-    The hull is taken over the corners of the boundary pixels only, with scipy's Qhull: much
-    cheaper than rasterising the hull (skimage's ``solidity`` took ~5 ms per large region).
+    A pixel square lies between the outer squares of its row, so the hull of all squares is the hull
+    of the four outer corners of each row: at most 4 points per row go to scipy's Qhull, found with
+    two vectorised argmax passes (skimage's ``solidity`` rasterised the hull, ~5 ms per large region;
+    the corners of every boundary pixel took a binary erosion per region).
     """
-    boundary = region & ~ndimage.binary_erosion(region)
-    ys, xs = np.nonzero(boundary)
-    corners = np.concatenate([np.column_stack([ys + dy, xs + dx]) for dy in (0, 1) for dx in (0, 1)])
+    rows = np.flatnonzero(region.any(axis=1))
+    in_rows = region[rows]
+    first = in_rows.argmax(axis=1)
+    after_last = region.shape[1] - in_rows[:, ::-1].argmax(axis=1)
+    corners = np.concatenate([np.column_stack([rows + dy, cols]) for dy in (0, 1) for cols in (first, after_last)])
     try:
         hull_area = ConvexHull(corners).volume  # in 2-D, "volume" is the enclosed area
     except QhullError:  # all corners on one line cannot happen for pixel squares; be safe anyway
@@ -130,8 +163,54 @@ def solidity(region: np.ndarray) -> float:
     return float(np.count_nonzero(region) / hull_area)
 
 
+def _eccentricity(rows: np.ndarray, cols: np.ndarray) -> float:
+    """Eccentricity of the ellipse with the same second central moments (skimage's definition)."""
+    dy, dx = rows - rows.mean(), cols - cols.mean()
+    a, b, c = float(np.mean(dy * dy)), float(np.mean(dy * dx)), float(np.mean(dx * dx))
+    spread = np.sqrt(4 * b**2 + (a - c) ** 2) / 2
+    major, minor = max(0.0, (a + c) / 2 + spread), max(0.0, (a + c) / 2 - spread)
+    return float(np.sqrt(1 - minor / major)) if major else 0.0
+
+
+def measure(labels: np.ndarray) -> list[IsolatedRegion]:
+    """Measure each labelled region (pixel units, model resolution); labels 1…n, 0 background.
+
+    What skimage's ``regionprops`` gave (bbox, centroid, area, eccentricity), measured per region on
+    its bounding box from ``ndimage.find_objects``: regionprops' lazy properties cost ~1 ms per
+    region in Python overhead, several times the arithmetic.
+
+    Examples
+    --------
+    >>> labels = np.zeros((20, 20), np.int32); labels[5:10, 5:10] = 1
+    >>> [(r.area_px, r.centroid) for r in measure(labels)]
+    [(25, (7.0, 7.0))]
+    """
+    h, w = labels.shape
+    regions = []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        region = labels[box] == label
+        r0, c0, r1, c1 = box[0].start, box[1].start, box[0].stop, box[1].stop
+        rows, cols = np.nonzero(region)
+        rows, cols = rows + r0, cols + c0  # frame coordinates, as regionprops averages them
+        regions.append(
+            IsolatedRegion(
+                label=label,
+                slice=box,
+                bbox=(r0, c0, r1, c1),
+                centroid=(float(rows.mean()), float(cols.mean())),
+                area_px=int(rows.size),
+                eccentricity=_eccentricity(rows, cols),
+                solidity=solidity(region),
+                touches_edge=r0 == 0 or c0 == 0 or r1 == h or c1 == w,
+            )
+        )
+    return regions
+
+
 def isolate(mask: np.ndarray) -> tuple[np.ndarray, list[IsolatedRegion]]:
-    """Label a clean binary mask and measure each region (pixel units, model resolution).
+    """Label a clean binary mask and measure each region (`measure`).
 
     Examples
     --------
@@ -141,20 +220,4 @@ def isolate(mask: np.ndarray) -> tuple[np.ndarray, list[IsolatedRegion]]:
     (25, False)
     """
     labels, _ = ndimage.label(mask)
-    h, w = mask.shape
-    regions = []
-    for props in regionprops(labels):
-        r0, c0, r1, c1 = props.bbox
-        regions.append(
-            IsolatedRegion(
-                label=props.label,
-                slice=props.slice,
-                bbox=(r0, c0, r1, c1),
-                centroid=tuple(float(v) for v in props.centroid),
-                area_px=int(props.area),
-                eccentricity=float(props.eccentricity),
-                solidity=solidity(props.image),
-                touches_edge=r0 == 0 or c0 == 0 or r1 == h or c1 == w,
-            )
-        )
-    return labels, regions
+    return labels, measure(labels)

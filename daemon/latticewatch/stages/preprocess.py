@@ -16,33 +16,58 @@ from scipy import ndimage
 Normalisation = Literal["max", "percentile", "bezier_zscore", "zscore"]
 
 
-def _sort_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.minimum(a, b), np.maximum(a, b)
+#: Rows of the frame filtered at a time: the median's working arrays then stay in the CPU cache.
+_MEDIAN_ROWS = 32
 
 
 def median3x3(image: np.ndarray) -> np.ndarray:
     """Exact 3×3 median filter with mirrored edges, equal to ``scipy.ndimage.median_filter(x, 3)``.
 
     Scipy's generic rank filter takes ~140 ms on a 1024² frame; this sorts each vertical triple once
-    and takes the median of the three column summaries (max of lows, median of mids, min of highs),
-    which is ~20 vectorised min/max passes.
+    and takes the median of the three column summaries (max of lows, median of mids, min of highs):
+    18 vectorised min/max passes in the image's own dtype. They run on strips of `_MEDIAN_ROWS` rows
+    into reused buffers, because on whole frames allocating and refilling the temporaries cost more
+    than the comparisons (≈ 26 instead of 74 ms on a 2048² uint32 image).
 
     Examples
     --------
-    >>> median3x3(np.array([[0, 0, 0], [0, 9, 0], [0, 0, 0]])).max()
+    >>> int(median3x3(np.array([[0, 0, 0], [0, 9, 0], [0, 0, 0]])).max())
     0
     """
+    image = np.asarray(image)
+    h, w = image.shape
     p = np.pad(image, 1, mode="symmetric")
-    top, mid, bot = p[:-2], p[1:-1], p[2:]
-    lo, mid = _sort_pair(top, mid)
-    mid, hi = _sort_pair(mid, bot)
-    lo, mid = _sort_pair(lo, mid)
-    # each column now holds its sorted (lo, mid, hi); combine three adjacent columns
-    max_lo = np.maximum(np.maximum(lo[:, :-2], lo[:, 1:-1]), lo[:, 2:])
-    min_hi = np.minimum(np.minimum(hi[:, :-2], hi[:, 1:-1]), hi[:, 2:])
-    a, b, c = mid[:, :-2], mid[:, 1:-1], mid[:, 2:]
-    med_mid = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
-    return np.maximum(np.minimum(max_lo, med_mid), np.minimum(np.maximum(max_lo, med_mid), min_hi))
+    out = np.empty((h, w), image.dtype)
+    n = min(_MEDIAN_ROWS, h)
+    lo_buf, mid_buf, hi_buf, tmp_buf = (np.empty((n, w + 2), image.dtype) for _ in range(4))
+    a_buf, b_buf = np.empty((n, w), image.dtype), np.empty((n, w), image.dtype)
+    for r0 in range(0, h, n):
+        m = min(n, h - r0)
+        top, mid, bot = p[r0 : r0 + m], p[r0 + 1 : r0 + m + 1], p[r0 + 2 : r0 + m + 2]
+        lo, med, hi, tmp, a, b = lo_buf[:m], mid_buf[:m], hi_buf[:m], tmp_buf[:m], a_buf[:m], b_buf[:m]
+        # sort each vertical triple: lo ≤ med ≤ hi per padded column
+        np.minimum(top, mid, out=lo)
+        np.maximum(top, mid, out=hi)
+        np.minimum(hi, bot, out=tmp)
+        np.maximum(hi, bot, out=hi)
+        np.maximum(lo, tmp, out=med)
+        np.minimum(lo, tmp, out=lo)
+        # combine three adjacent columns: median of (max of lows, median of mids, min of highs)
+        np.maximum(lo[:, :-2], lo[:, 1:-1], out=a)
+        np.maximum(a, lo[:, 2:], out=a)
+        np.minimum(hi[:, :-2], hi[:, 1:-1], out=b)
+        np.minimum(b, hi[:, 2:], out=b)
+        x, y, z, t = med[:, :-2], med[:, 1:-1], med[:, 2:], tmp[:, :w]
+        c = out[r0 : r0 + m]
+        np.minimum(x, y, out=c)
+        np.maximum(x, y, out=t)
+        np.minimum(t, z, out=t)
+        np.maximum(c, t, out=c)
+        np.minimum(a, c, out=t)
+        np.maximum(a, c, out=a)
+        np.minimum(a, b, out=a)
+        np.maximum(t, a, out=c)
+    return out
 
 
 def _bernstein2(t: np.ndarray) -> np.ndarray:
@@ -110,19 +135,54 @@ def normalise(image: np.ndarray, method: Normalisation) -> np.ndarray:
     raise ValueError(f"unknown normalisation {method!r}; use 'max', 'percentile', 'bezier_zscore' or 'zscore'")
 
 
+def _block_size(factor: float) -> int | None:
+    """The block side ``k`` when ``factor`` shrinks by a whole number (1/k), else None."""
+    inverse = 1.0 / factor
+    return int(round(inverse)) if factor < 1 and abs(inverse - round(inverse)) < 1e-3 else None
+
+
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
     """Resample by ``factor`` (< 1 shrinks). Integer shrink factors use exact block means
     (fast, alias-free for lattice fringes); other factors a Gaussian anti-alias plus linear zoom."""
     if abs(factor - 1.0) < 1e-3:
         return image
-    inverse = 1.0 / factor
-    if factor < 1 and abs(inverse - round(inverse)) < 1e-3:
-        k = int(round(inverse))
+    k = _block_size(factor)
+    if k is not None:
         h, w = (image.shape[0] // k) * k, (image.shape[1] // k) * k
         return image[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3), dtype=np.float32)
     if factor < 1:
-        image = ndimage.gaussian_filter(image, sigma=0.5 * inverse)
+        image = ndimage.gaussian_filter(image, sigma=0.5 / factor)
     return ndimage.zoom(image, factor, order=1, grid_mode=True, mode="grid-mirror").astype(np.float32)
+
+
+def exact_block_sums(pixels: np.ndarray, k: int) -> np.ndarray | None:
+    """Sums over k×k blocks of an integer frame, in an integer type that holds them; None where they could be inexact.
+
+    A camera's 16-bit counts summed over a block stay below 2²⁴, so the sums, and the block means
+    ``sums / k²``, are exact in float32: the same numbers `resample` computes from a float32 copy of
+    the frame, ~7× faster (k² strided additions instead of a float reduction over a reshaped view).
+    The sums stay 16-bit when the frame's counts allow it (a counting camera's frame, a 14-bit CCD
+    binned 2×2), which halves the time of the median after them. Integer frames wider than 16 bit,
+    float frames and blocks over 16×16 get None.
+
+    Examples
+    --------
+    >>> exact_block_sums(np.arange(16, dtype=np.uint16).reshape(4, 4), 2).tolist()
+    [[10, 18], [42, 50]]
+    """
+    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype.itemsize > 2 or k * k * 65536 > 2**24:
+        return None
+    signed = np.issubdtype(pixels.dtype, np.signedinteger)
+    largest = max(abs(int(pixels.min())), abs(int(pixels.max()))) if signed else int(pixels.max())
+    narrow, wide = (np.int16, np.int32) if signed else (np.uint16, np.uint32)
+    accumulator = narrow if k * k * largest <= np.iinfo(narrow).max else wide
+    h, w = (pixels.shape[0] // k) * k, (pixels.shape[1] // k) * k
+    sums = pixels[0:h:k, 0:w:k].astype(accumulator)
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                sums += pixels[i:h:k, j:w:k]
+    return sums
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -169,12 +229,21 @@ def preprocess(
     >>> out.image.shape, out.scale
     ((32, 32), 0.5)
     """
-    scale, sampled_nm, image = 1.0, pixel_size_nm, pixels
+    scale, sampled_nm, image, block = 1.0, pixel_size_nm, pixels, None
     if pixel_size_nm and model_pixel_size_nm and abs(pixel_size_nm / model_pixel_size_nm - 1.0) >= 1e-3:
-        image = resample(pixels.astype(np.float32), pixel_size_nm / model_pixel_size_nm)
+        factor = pixel_size_nm / model_pixel_size_nm
+        k = _block_size(factor)
+        sums = None if k is None else exact_block_sums(pixels, k)
+        if sums is None:
+            image = resample(pixels.astype(np.float32), factor)
+        else:
+            image, block = sums, k
         scale = image.shape[0] / pixels.shape[0]
         sampled_nm = pixel_size_nm / scale
     filtered = median3x3(image)
+    if block is not None:
+        # the median commutes with the (monotonic) division, so this equals the median of the block means
+        filtered = np.divide(filtered, block * block, dtype=np.float32)
     model_image = normalise(filtered, normalisation)
     own = feature_normalisation is not None and feature_normalisation != normalisation
     feature_image = normalise(filtered, feature_normalisation) if own else model_image
