@@ -25,6 +25,8 @@ def test_defaults_are_safe():
     ({"metrics": {"rolling_frames": 0}}, "metrics.rolling_frames: Input should be greater than or equal to 1"),
     ({"runtime": {"runner": "fast"}}, "runtime.runner: Input should be 'pipelined' or 'inline'"),
     ({"runtime": {"budget_ms": 0}}, "runtime.budget_ms: Input should be greater than 0"),
+    ({"runtime": {"backend": "gpu"}},
+     "runtime.backend: Input should be 'auto', 'tensorrt', 'cuda', 'openvino' or 'onnxruntime' (got 'gpu')"),
     ({"sources": {"a": {"kind": "folder", "settle": 1}}},
      "sources.a.settle: unknown key; allowed here: kind, path, polling"),
     ({"sources": {"a": {"kind": "zmq", "socket": "push"}}}, "sources.a.socket: Input should be 'pull' or 'sub'"),

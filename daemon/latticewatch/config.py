@@ -15,6 +15,9 @@ Example (every key with its default)::
     queue_size = 4                     # frames between pipeline phases
     max_batch = 4                      # frames segmented together when behind
     threads = 0                        # inference threads; 0 = all cores
+    backend = "auto"                   # tensorrt, cuda, openvino or onnxruntime; auto: the fastest that runs here
+    # scheduler = "tcp://gpu-server:8786"  # default none; a Dask cluster that analyses frames when behind
+    # offload_after_ms = 1000          # a frame that waited longer goes to it; default budget_ms / 2
 
     [archive]
     enabled = true
@@ -204,6 +207,27 @@ class RuntimeConfig(_Strict):
     queue_size: int = Field(4, ge=1, le=1024)
     max_batch: int = Field(4, ge=1, le=256)
     threads: int = Field(0, ge=0)
+    backend: Literal["auto", "tensorrt", "cuda", "openvino", "onnxruntime"] = "auto"  # models.backends.BACKEND_CHOICES
+    scheduler: str | None = None  # a Dask scheduler (`latticewatch.runtime.offload`); None: everything here
+    offload_after_ms: float | None = Field(None, gt=0)  # None: budget_ms / 2
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        host, _, port = rest.rpartition(":")
+        if (scheme == "inproc" and rest) or (scheme in ("tcp", "tls") and host and port.isdigit()):
+            return value
+        raise ValueError("must be a Dask scheduler address such as tcp://gpu-server:8786 (tcp://HOST:PORT, "
+                         "tls://HOST:PORT or inproc://…), or left out to analyse every frame here")
+
+    @model_validator(mode="after")
+    def _offload_needs_scheduler(self) -> RuntimeConfig:
+        if self.offload_after_ms is not None and self.scheduler is None:
+            raise ValueError("offload_after_ms sends frames to a Dask cluster: set scheduler too, or leave it out")
+        return self
 
 
 class ArchiveConfig(_Strict):
@@ -485,10 +509,11 @@ def validate_config(config: Config, *, where: Callable[[str], str] = str) -> Con
     """Check what a run needs beyond the schema; raise `ConfigError` with one line per problem.
 
     The profile must resolve (an installed name or a profile directory) with every model file
-    matching its manifest's sha256, every folder source's folder must exist (the daemon never
-    creates one: a typo must not become an empty folder watched for weeks), and every plugin source
-    kind must load. ``latticewatch run`` and ``check-config`` both call this, before anything
-    starts; ``where(key)`` says where a key was set (``"lw.toml: profile"``, ``"--watch"``).
+    matching its manifest's sha256, ``[runtime] backend`` must be able to run here, every folder
+    source's folder must exist (the daemon never creates one: a typo must not become an empty folder
+    watched for weeks), and every plugin source kind must load. ``latticewatch run`` and
+    ``check-config`` both call this, before anything starts; ``where(key)`` says where a key was set
+    (``"lw.toml: profile"``, ``"--watch"``).
 
     Examples
     --------
@@ -498,6 +523,7 @@ def validate_config(config: Config, *, where: Callable[[str], str] = str) -> Con
     ...
     latticewatch.errors.ConfigError: lw.toml: sources.cam.path: /no/such: no such folder (watched folders are ...
     """
+    from latticewatch.models.backends import unavailable
     from latticewatch.runtime.plugins import resolve_profile
     from latticewatch.sources.base import discover_sources
 
@@ -506,6 +532,9 @@ def validate_config(config: Config, *, where: Callable[[str], str] = str) -> Con
         resolve_profile(config.profile)
     except (LatticewatchError, OSError) as err:
         problems.append(f"{where('profile')}: {err}")
+    backend_problem = unavailable(config.runtime.backend)
+    if backend_problem:
+        problems.append(f"{where('runtime.backend')}: {config.runtime.backend} cannot run here: {backend_problem}")
     plugins = None
     for name, source in config.sources.items():
         if isinstance(source, FolderSourceConfig):

@@ -72,7 +72,7 @@ def report_failure(failure: Failure) -> None:
 
 
 def open_batch(args: argparse.Namespace, desc: str = "files") -> tuple[Analyser, Batch]:
-    """The profile's analyser and the batch path as `add_profile` and `add_batch_options` set them.
+    """The profile's analyser and the batch path as `add_profile`, `add_batch_options` and `add_backend` set them.
 
     Failures are printed as they happen; a progress bar named ``desc`` shows on a terminal.
 
@@ -83,7 +83,7 @@ def open_batch(args: argparse.Namespace, desc: str = "files") -> tuple[Analyser,
     from latticewatch.runtime.analyser import Analyser
     from latticewatch.runtime.batch import Batch
 
-    analyser = Analyser(args.profile, threads=args.threads, classifier=args.classifier)
+    analyser = Analyser(args.profile, backend=args.backend, threads=args.threads, classifier=args.classifier)
     batch = Batch(permissive=args.permissive, calibration=args.calibration, on_failure=report_failure,
                   progress=progress_enabled(), desc=desc)
     return analyser, batch
@@ -203,6 +203,18 @@ def add_profile(p: argparse.ArgumentParser, *, text: str = "installed profile na
 def add_threads(p: argparse.ArgumentParser, what: str = "inference threads") -> None:
     """``--threads``: ``None`` lets the backend use every usable core."""
     p.add_argument("--threads", type=int, default=None, metavar="N", help=f"{what} (default: all usable cores)")
+
+
+def add_backend(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """``--backend``: which inference backend runs the networks (``None``: the config's ``[runtime] backend``).
+
+    The names are `latticewatch.models.backends.BACKEND_CHOICES`, written out here so that building the
+    parser imports no backend code.
+    """
+    p.add_argument("--backend", choices=("auto", "tensorrt", "cuda", "openvino", "onnxruntime"), default=default,
+                   help="inference backend; auto: TensorRT, else torch on CUDA, else the CPU default, whichever runs "
+                   "here first (`latticewatch models list` says which can run and why not) "
+                   + ("(default: %(default)s)" if default else "(default: from the config, auto)"))
 
 
 def add_batch_options(p: argparse.ArgumentParser) -> None:

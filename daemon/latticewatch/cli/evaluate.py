@@ -13,6 +13,7 @@ from pathlib import Path
 from latticewatch.cli.common import (
     BASELINE_NAMES,
     EXIT_OK,
+    add_backend,
     add_baselines,
     add_profile,
     add_threads,
@@ -79,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-image", action="store_true", help="also report every image's metrics")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     add_threads(p)
+    add_backend(p)
     p.set_defaults(func=evaluate_command)
     _register_classifier(subparsers)
 
@@ -167,7 +169,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     report = evaluate(
         args.profile, args.images, args.labels, threshold=args.threshold, baselines=baseline_names(args.baselines),
         fit_images=args.fit_images, fit_labels=args.fit_labels, per_image=args.per_image, threads=args.threads,
-        progress=progress_enabled(), on_failure=report_failure,
+        backend=args.backend, progress=progress_enabled(), on_failure=report_failure,
     )
     fit = report["baseline_fit"]
     if fit and fit["source"] in ("cross_fit", "in_sample"):

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = models_sub.add_parser(
         "list", help="installed profiles, verified, with the reason a broken one is unusable",
         description="List every installed profile (entry point latticewatch.profiles) with its version, pixel size and "
-        "normalisation, after checking its files against the manifest's sha256; a broken one says why.",
+        "normalisation, after checking its files against the manifest's sha256; a broken one says why. Then the "
+        "inference backends (--backend): which can run here, and why the others cannot.",
     )
     q.add_argument("--json", action="store_true", help="print the listing as JSON")
     q.set_defaults(func=cmd_models_list)
@@ -64,7 +65,18 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                   f"{seg.normalisation} normalisation — {entry.directory}")
         else:
             print(f"{name:16s} {'?':8s} BROKEN  {entry.error}")
+    _print_backends()
     return EXIT_OK
+
+
+def _print_backends() -> None:
+    """Which inference backends can run here (``--backend``), and why the others cannot."""
+    from latticewatch.models.backends import BACKEND_CHOICES, resolve, unavailable
+
+    print(f"\nbackends (--backend; auto here: {resolve('auto')})")
+    for kind in BACKEND_CHOICES[1:]:
+        reason = unavailable(kind)
+        print(f"{kind:16s} {'ok' if reason is None else 'no':8s} {reason or ''}".rstrip())
 
 
 def cmd_models_import_keras(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from latticewatch.cli.common import DEFAULT_PROFILE
+from latticewatch.cli.common import DEFAULT_PROFILE, add_backend
 from latticewatch.errors import ConfigError
 
 if TYPE_CHECKING:  # the parser is built for every command; the config models only to run one
@@ -29,6 +29,7 @@ CONFIG_OVERRIDES: dict[str, tuple[str, ...]] = {
     "metrics_port": ("metrics.port",),
     "dashboard_port": ("dashboard.port",),
     "bind": ("metrics.host", "dashboard.host"),
+    "backend": ("runtime.backend",),
 }
 
 
@@ -58,6 +59,7 @@ def add_run_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", default=None, metavar="HOST",
                    help="[metrics] host and [dashboard] host: the address the HTTP outputs listen on; other machines "
                    "reach them only if it is not 127.0.0.1 (default: from the config, 127.0.0.1)")
+    add_backend(p, default=None)
 
 
 def watched_sources(config: Config, folders: list[Path]) -> dict[str, SourceConfig]:

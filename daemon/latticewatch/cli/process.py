@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latticewatch.cli.common import add_batch_options, add_profile, exit_code, open_batch
+from latticewatch.cli.common import add_backend, add_batch_options, add_profile, exit_code, open_batch
 from latticewatch.errors import ConfigError
 from latticewatch.frame import CLASSES, Analysis, Frame
 
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write DIR/<name>_probability.npy (float32, frame size)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_batch_options(p)
+    add_backend(p)
     p.add_argument("--archive", type=Path, metavar="ROOT",
                    help="also archive each frame (HDF5, see README 'Archive') under ROOT")
     p.add_argument("--archive-policy", type=archive_policy, default="drop", metavar="POLICY",

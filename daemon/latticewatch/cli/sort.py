@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latticewatch.cli.common import add_batch_options, add_profile, exit_code, open_batch
+from latticewatch.cli.common import add_backend, add_batch_options, add_profile, exit_code, open_batch
 
 if TYPE_CHECKING:  # the parser is built for every command; the analyser is imported only to sort
     from latticewatch.runtime.analyser import Analyser
@@ -95,4 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descending", action="store_true", help="cleanest frames first")
     p.add_argument("--json", action="store_true", help="print the ranking as JSON")
     add_batch_options(p)
+    add_backend(p)
     p.set_defaults(func=cmd_sort)

@@ -22,14 +22,22 @@ from latticewatch.errors import FrameError, ModelError
 from latticewatch.frame import MIN_SIDE_PX, Analysis, Frame, Region
 from latticewatch.io.pixel_size import check_pixel_size, check_resampling
 from latticewatch.models.architectures import receptive_field
-from latticewatch.models.backends import SegmentationBackend
-from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
-from latticewatch.models.manifest import ClassifierModel
+from latticewatch.models.backends import (
+    ACCELERATORS,
+    DeviceMemoryError,
+    SegmentationBackend,
+    cpu_default,
+    model_files,
+    open_backend,
+    resolve,
+)
+from latticewatch.models.backends.fallback import FallbackBackend, open_guarded
+from latticewatch.models.manifest import Manifest
 from latticewatch.runtime.plugins import resolve_profile
 from latticewatch.stages.classify import CnnRegionClassifier, FlatForest, ForestRegionClassifier, load_forest
 from latticewatch.stages.domain import out_of_domain
 from latticewatch.stages.features import region_features
-from latticewatch.stages.isolate import IsolatedRegion, clean_mask, isolate
+from latticewatch.stages.isolate import IsolatedRegion, clean_labels, measure
 from latticewatch.stages.preprocess import Preprocessed, pad_to_multiple, preprocess
 from latticewatch.stages.segment import segment
 
@@ -85,22 +93,32 @@ def validate_pixels(frame: Frame, model_pixel_size_nm: float | None = None) -> N
         check_resampling(px.shape, nm, model_pixel_size_nm, where=frame.frame_id)
 
 
-def load_classifier(directory: Path, section: ClassifierModel | None, *, threads: int | None = None
+def load_classifier(directory: Path, manifest: Manifest, *, threads: int | None = None, backend: str = "onnxruntime"
                     ) -> tuple[ForestRegionClassifier | CnnRegionClassifier | None, str | None]:
     """The profile's region classifier and the file it was loaded from (both ``None`` without one).
 
     A forest loads from its flattened arrays; a profile written before them has only the skops
-    file, which needs scikit-learn and takes seconds to load, so that is said once.
+    file, which needs scikit-learn and takes seconds to load, so that is said once. A CNN runs on
+    ``backend`` (a kind of `latticewatch.models.backends`), or on the CPU when that kind cannot load it.
 
-    >>> clf, name = load_classifier(directory, manifest.classifier)  # doctest: +SKIP
+    >>> clf, name = load_classifier(directory, manifest)  # doctest: +SKIP
     >>> name  # doctest: +SKIP
     'forest.safetensors'
     """
+    section = manifest.classifier
     if section is None:
         return None, None
     if section.kind == "cnn":
-        backend = OnnxRuntimeBackend(directory / section.onnx, threads=threads)
-        return CnnRegionClassifier(backend, section.classes, section.input,
+        model = model_files(directory, manifest, "classifier")
+        try:
+            net = open_guarded(backend, model, threads=threads)
+        except ModelError as err:
+            if resolve(backend) not in ACCELERATORS:
+                raise
+            log.warning("%s: backend %s cannot run the classifier (%s); it runs on %s", directory, backend, err,
+                        cpu_default())
+            net = open_backend(cpu_default(), model, threads=threads)
+        return CnnRegionClassifier(net, section.classes, section.input,
                                    uncertain_below=section.uncertain_below), section.onnx
     if section.arrays:
         flat, name = FlatForest.load(directory / section.arrays), section.arrays
@@ -130,7 +148,11 @@ class Analyser:
     profile
         Installed profile name (``nanoparticles``) or a profile directory.
     backend
-        Segmentation backend; default ONNX Runtime on the CPU.
+        A kind of `latticewatch.models.backends` (``auto`` or ``None``: the fastest that runs here; one
+        that cannot run here raises `ModelError` saying why), or an open segmentation backend. The CNN
+        classifier runs on the same kind (on the CPU when that kind cannot load it; ONNX Runtime
+        beside an open backend). An accelerator that runs out of memory falls back to smaller
+        inputs, then the CPU, and says so in the frame's warnings (`FallbackBackend`).
     max_pixels
         Largest model-resolution image segmented in one run; larger ones are tiled.
     classifier
@@ -149,7 +171,7 @@ class Analyser:
         self,
         profile: str | Path = "nanoparticles",
         *,
-        backend: SegmentationBackend | None = None,
+        backend: str | SegmentationBackend | None = "auto",
         threads: int | None = None,
         max_pixels: int = 2048 * 2048,
         classifier: Literal["profile", "baseline"] = "profile",
@@ -160,10 +182,18 @@ class Analyser:
                 raise ModelError(f"{self.directory}: the profile has no baseline_classifier")
             self.manifest = self.manifest.model_copy(update={"classifier": self.manifest.baseline_classifier})
         seg = self.manifest.segmentation
-        self.backend = backend or OnnxRuntimeBackend(self.directory / seg.onnx, threads=threads)
-        self.classifier, self._classifier_file = load_classifier(self.directory, self.manifest.classifier,
-                                                                 threads=threads)
+        backend = backend or "auto"
+        kind = backend if isinstance(backend, str) else "onnxruntime"
+        resolve(kind)  # an explicit kind that cannot run here fails before anything loads
+        self.backend = backend if not isinstance(backend, str) else open_guarded(
+            kind, model_files(self.directory, self.manifest), threads=threads, divisor=seg.divisor,
+            receptive_field_px=receptive_field(seg.architecture, seg.widths))
+        self.classifier, self._classifier_file = load_classifier(self.directory, self.manifest, threads=threads,
+                                                                 backend=kind)
         self.max_pixels = max_pixels
+        # a backend that preprocesses on its device does so (the torch backend: the raw frame goes up once)
+        primary = self.backend.primary if isinstance(self.backend, FallbackBackend) else self.backend
+        self._preprocess = getattr(primary, "prepare_on_device", preprocess)
 
     @property
     def model_ids(self) -> dict[str, str]:
@@ -194,9 +224,13 @@ class Analyser:
             warnings.append("pixel size unknown: no resampling, sizes reported in pixels only")
         with _timed(timings, "preprocess"):
             # the forest's features are computed the way it was trained, whatever the network needs
-            pre = preprocess(frame.pixels, frame.pixel_size_nm, normalisation=seg.normalisation,
-                             model_pixel_size_nm=seg.pixel_size_nm,
-                             feature_normalisation=clf.normalisation if clf and clf.kind == "forest" else None)
+            options = {"normalisation": seg.normalisation, "model_pixel_size_nm": seg.pixel_size_nm,
+                       "feature_normalisation": clf.normalisation if clf and clf.kind == "forest" else None}
+            try:
+                pre = self._preprocess(frame.pixels, frame.pixel_size_nm, **options)
+            except DeviceMemoryError as err:
+                warnings.append(f"preprocessing on the CPU: {err}")
+                pre = preprocess(frame.pixels, frame.pixel_size_nm, **options)
         return Prepared(frame, pre, timings, warnings)
 
     def segment_batch(self, prepared: Sequence[Prepared]) -> list[np.ndarray]:
@@ -225,16 +259,18 @@ class Analyser:
                 out[members[0]] = segment(prepared[members[0]].pre.image, self.backend, max_pixels=self.max_pixels,
                                           divisor=divisor, receptive_field_px=rf)
             share = (time.perf_counter() - start) / len(members)
+            notes = self.backend.take_notes() if isinstance(self.backend, FallbackBackend) else []
             for i in members:
                 prepared[i].timings["segment"] = prepared[i].timings.get("segment", 0.0) + share
+                prepared[i].warnings.extend(notes)
         return out  # type: ignore[return-value]
 
     def finish(self, prepared: Prepared, probability: np.ndarray, *, keep_probability: bool = False) -> Analysis:
         """Isolate, measure and classify regions from the probability map (last phase of `analyse`)."""
         frame, pre, timings = prepared.frame, prepared.pre, prepared.timings
         with _timed(timings, "isolate"):
-            clean = clean_mask(probability, self.manifest.isolation, pre.pixel_size_nm)
-            labels, isolated = isolate(clean)
+            labels = clean_labels(probability, self.manifest.isolation, pre.pixel_size_nm)  # labelled once
+            clean, isolated = labels > 0, measure(labels)
         with _timed(timings, "domain"):
             doubts = out_of_domain(probability, labels, self.manifest.domain, pre.image)
         with _timed(timings, "features"):
@@ -242,6 +278,8 @@ class Analyser:
                         for r in isolated]
         with _timed(timings, "classify"):
             verdicts = self._classify(pre, labels, isolated, features)
+        if isinstance(self.classifier, CnnRegionClassifier) and isinstance(self.classifier.backend, FallbackBackend):
+            prepared.warnings.extend(self.classifier.backend.take_notes())
         with _timed(timings, "assemble"):
             regions = tuple(
                 self._region(index, r, f, label, probs, pre.scale, pre.pixel_size_nm, frame)
@@ -249,7 +287,8 @@ class Analyser:
             )
             h, w = frame.pixels.shape
             rows, cols = nearest_index(h, clean.shape[0]), nearest_index(w, clean.shape[1])
-            mask = clean[rows[:, None], cols[None, :]].astype(np.uint8)
+            # one axis at a time on the bytes: a third of the time of a 2-D fancy index on a 4096² frame
+            mask = np.take(np.take(clean.view(np.uint8), rows, axis=0), cols, axis=1)
             confidence = float(np.mean(np.maximum(probability, 1.0 - probability)))
             full_probability = None
             if keep_probability:

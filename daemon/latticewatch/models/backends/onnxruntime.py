@@ -1,4 +1,4 @@
-"""CPU inference through ONNX Runtime (the default backend)."""
+"""CPU inference through ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -8,16 +8,39 @@ from pathlib import Path
 
 import numpy as np
 
+from latticewatch.errors import ModelError
+from latticewatch.models.backends import ModelFiles, cpu_device, cpu_threads
+
 log = logging.getLogger(__name__)
 
 
+def unavailable() -> str | None:
+    """Why ONNX Runtime cannot run here (``None``: it can; it is a dependency, so normally it can)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        return f"onnxruntime cannot be imported ({err})"
+    return None
+
+
+def open(model: ModelFiles, *, threads: int | None = None, plan_cache: Path | None = None,
+         fp16: bool | None = None) -> OnnxRuntimeBackend:
+    """The registry's entry point (`latticewatch.models.backends.open_backend`): ``model.onnx`` on the CPU
+    in float32; ``plan_cache`` and ``fp16`` concern accelerators and are ignored.
+
+    >>> open(ModelFiles(Path("unet.onnx"), None, "unet", (4, 8, 16, 32)), threads=2).device  # doctest: +SKIP
+    'CPU AMD EPYC (2 threads)'
+    """
+    return OnnxRuntimeBackend(model.onnx, threads=threads)
+
+
 class OnnxRuntimeBackend:
-    """Runs an exported latticewatch segmentation ONNX file on the CPU.
+    """Runs an exported latticewatch ONNX file (segmentation net or crop classifier) on the CPU.
 
     Parameters
     ----------
     path
-        ONNX file whose single input is ``image`` (N, 1, H, W) and output the particle probability.
+        ONNX file with a single input (``image`` (N, 1, H, W) or ``crops`` (N, C, S, S)).
     threads
         Intra-op threads; defaults to the number of usable cores.
 
@@ -33,8 +56,9 @@ class OnnxRuntimeBackend:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
+        threads = cpu_threads(threads)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         # ORT's workers otherwise spin after every run; with another busy process (or the pipelined
@@ -42,7 +66,11 @@ class OnnxRuntimeBackend:
         # measured 125 → 75 ms per 1024² frame end to end with one core taken by another job
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.device = cpu_device(threads)
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types, no common base
+            raise ModelError(f"{path}: ONNX Runtime cannot load it: {err}") from err
         self._input = self._session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -310,6 +310,7 @@ def evaluate(
     fit_labels: Path | None = None,
     per_image: bool = False,
     threads: int | None = None,
+    backend: str = "auto",
     progress: bool = False,
     on_failure: Callable[[Failure], None] | None = None,
 ) -> dict[str, Any]:
@@ -331,6 +332,8 @@ def evaluate(
         Names of the baselines to run alongside (empty: none).
     fit_images, fit_labels
         A separate labelled set to fit the baselines on when the manifest has no fitted ones.
+    backend
+        Inference backend (`latticewatch.models.backends.BACKEND_CHOICES`).
     on_failure
         Called with each failed file or frame as it happens.
 
@@ -354,7 +357,7 @@ def evaluate(
     >>> report["model"]["dice"], report["baselines"]["bragg"]["dice"]  # doctest: +SKIP
     (0.86, 0.71)
     """
-    analyser = Analyser(profile, threads=threads)
+    analyser = Analyser(profile, backend=backend, threads=threads)
     manifest = analyser.manifest
     t = manifest.segmentation.threshold if threshold is None else float(threshold)
     if threshold is not None:
