@@ -59,10 +59,11 @@ def test_second_run_on_the_same_frames_emits_nothing(analyser, synthetic_images,
     assert state.events_path.read_bytes() == before
 
 
-def test_pipelined_gives_what_inline_gives(analyser, synthetic_images, tmp_path):
+@pytest.mark.parametrize("finish_workers", [1, 3])
+def test_pipelined_gives_what_inline_gives(analyser, synthetic_images, tmp_path, finish_workers):
     inline, piped = StateDir(tmp_path / "inline"), StateDir(tmp_path / "piped")
     run(InlineRunner, analyser, inline, synthetic_images)
-    run(PipelinedRunner, analyser, piped, synthetic_images)
+    run(PipelinedRunner, analyser, piped, synthetic_images, finish_workers=finish_workers)
 
     def per_frame(state):
         return {e["frame_id"]: (e["particles"], e["coverage"]) for e in events(state) if e["type"] == "frame"}
@@ -101,3 +102,34 @@ def test_overruns_are_counted_against_the_budget(analyser, synthetic_images, tmp
     stats = runner_cls(pipeline).run([source], threading.Event())
     pipeline.close()
     assert stats.overruns == 2 and stats.phase_seconds["segment"] > 0
+
+
+class FrameOrder:
+    """A sink that notes the frames in the order their events reach it."""
+
+    name = "order"
+
+    def __init__(self):
+        self.frames = []
+
+    def consume(self, evts):
+        self.frames += [e.frame_id for e in evts if e.type == "frame"]
+
+
+def test_frames_concluded_at_once_are_recorded_in_arrival_order(analyser, synthetic_images, tmp_path):
+    # the first frame is 36 times larger and takes the longest to conclude; the small ones behind it
+    # conclude on the other threads first, and must still reach the ledger, the log and the sinks after it
+    rng = np.random.default_rng(11)
+    big = np.tile(synthetic_images[0], (6, 6)) + rng.integers(0, 3, (1536, 1536)).astype(synthetic_images[0].dtype)
+    items = [big, *synthetic_images[:5]]
+    state, sink = StateDir(tmp_path), FrameOrder()
+    pipeline = Pipeline(analyser, state, sinks=[sink])
+    try:
+        source = MemorySource(items, name="m", pixel_size_nm=0.05, closed=True)
+        stats = PipelinedRunner(pipeline, finish_workers=3).run([source], threading.Event())
+        order = [f"m:{n}" for n in range(len(items))]
+        assert stats.analysed == len(items)
+        assert sink.frames == order and frame_ids(events(state)) == order
+        assert all(pipeline.ledger.analyses(fid) == 1 for fid in order)
+    finally:
+        pipeline.close()

@@ -7,7 +7,9 @@ work in `latticewatch.runtime.pipeline.Pipeline`:
   scripts use it.
 * `PipelinedRunner`: the daemon's. A thread per source, then three stage threads joined by
   bounded queues: prepare (validate, median, normalise, resample) → segment (the U-Net) →
-  finish (isolate, features, classify, ledger, event log, sinks).
+  finish. Finishing is split: the CPU-bound part (isolate, features, classify, the events) runs on
+  a pool of threads, one per CPU core, several frames at once; a record thread then writes each
+  frame's ledger row, event log entry and sink calls strictly in the order the frames arrived.
 
 Timing is middleware: the runner measures each phase around the analyser's calls (never inside
 stage code), plus the time each frame spent waiting, and charges them to the frame. A frame
@@ -18,11 +20,14 @@ When behind, the pipelined runner degrades in this order — it never drops a fr
 
 1. **Batch larger.** The segment thread takes every prepared frame waiting (up to
    ``max_batch``) and runs same-shape frames through the network in one call.
-2. **Analyse later.** Stream frames (non-replayable sources; already spooled to disk on arrival)
+2. **Analyse elsewhere** (with ``[runtime] scheduler``). A frame that waited longer than
+   ``offload_after_ms`` goes to the Dask cluster (`latticewatch.runtime.offload`); it keeps its
+   place, and is recorded here in its turn.
+3. **Analyse later.** Stream frames (non-replayable sources; already spooled to disk on arrival)
    that find the prepare queue full are *deferred*: their pixels leave memory, and they are
    analysed, oldest first, whenever the prepare queue runs empty — live frames go first. Folder
    frames are not deferred: the source simply waits, the files stay on disk.
-3. **Never drop.** Deferred frames survive a restart (ledger ``seen`` + spool) and are analysed
+4. **Never drop.** Deferred frames survive a restart (ledger ``seen`` + spool) and are analysed
    then.
 
 A bad frame sinks alone: an analyser error quarantines that frame with its reason and an error
@@ -40,10 +45,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Protocol
 
 from latticewatch.runtime.pipeline import Pipeline, RunStats
@@ -123,6 +130,16 @@ class InlineRunner:
 _DONE = object()
 
 
+def default_finish_workers() -> int:
+    """Threads that conclude frames at once: one per CPU core this process may run on.
+
+    >>> default_finish_workers() >= 1
+    True
+    """
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(cores))
+
+
 class _AnyOf:
     """A stop flag that is set when any of its flags is."""
 
@@ -148,19 +165,30 @@ class PipelinedRunner:
         Capacity of each queue between phases.
     max_batch
         Most frames segmented in one network call when behind.
+    finish_workers
+        Frames concluded at once (isolate, features, classify, events); default one per CPU core
+        (`default_finish_workers`). Their results are recorded in arrival order whatever the order
+        they finish in.
 
     Examples
     --------
     >>> stats = PipelinedRunner(pipeline).run([FolderSource("incoming")], stop)  # doctest: +SKIP
     """
 
-    def __init__(self, pipeline: Pipeline, *, queue_size: int = 4, max_batch: int = 4) -> None:
+    def __init__(self, pipeline: Pipeline, *, queue_size: int = 4, max_batch: int = 4,
+                 finish_workers: int | None = None) -> None:
         self.pipeline = pipeline
         self.queue_size = queue_size
         self.max_batch = max_batch
+        self.finish_workers = finish_workers or default_finish_workers()
         self._to_prepare: queue.Queue = queue.Queue(queue_size)
         self._to_segment: queue.Queue = queue.Queue(queue_size)
         self._to_finish: queue.Queue = queue.Queue(queue_size)
+        # frames in the finish phase, in arrival order, each with its conclusion under way; at most
+        # twice the pool's threads: every thread busy, and as many concluded frames waiting their turn
+        self._to_record: queue.Queue = queue.Queue()
+        self._finishing = threading.Semaphore(2 * self.finish_workers)
+        self._pool: ThreadPoolExecutor | None = None
         self._deferred: collections.deque[str] = collections.deque()
         self._sources_done = threading.Event()
         self._fatal = threading.Event()
@@ -175,9 +203,11 @@ class PipelinedRunner:
         self._deferred.extend(resumed)
         p.stats.add(resumed=len(resumed))
         self._halt = _AnyOf(stop, self._fatal)
+        self._pool = ThreadPoolExecutor(self.finish_workers, thread_name_prefix="latticewatch-conclude")
         pumps = [self._thread(f"source-{s.name}", self._pump, s) for s in sources]
         stages = [self._thread(name, loop) for name, loop in
-                  (("prepare", self._prepare_loop), ("segment", self._segment_loop), ("finish", self._finish_loop))]
+                  (("prepare", self._prepare_loop), ("segment", self._segment_loop), ("finish", self._finish_loop),
+                   ("record", self._record_loop))]
         for t in (*pumps, *stages):
             t.start()
         self.started.set()
@@ -187,6 +217,8 @@ class PipelinedRunner:
         for t in stages:
             while t.is_alive() and not self._fatal.is_set():
                 t.join(0.2)
+        # after a failure or `abandon`, frames not yet concluded stay `seen` for the next start
+        self._pool.shutdown(wait=not self._fatal.is_set(), cancel_futures=True)
         p.snapshot_sources(sources)
         if self._failure is not None:
             raise self._failure
@@ -292,9 +324,35 @@ class PipelinedRunner:
         self._put(self._to_finish, _DONE)
 
     def _finish_loop(self) -> None:
+        """Start concluding each frame on the pool, as many at once as it has room for."""
         while not self._fatal.is_set():
             job = self._to_finish.get()
             if job is _DONE:
                 break
-            with self.busy("finish"):
-                self.pipeline.finish(job)
+            while not self._finishing.acquire(timeout=0.1):
+                if self._fatal.is_set():
+                    return
+            try:
+                # a frame offloaded to the cluster is collected (and, if the cluster failed it, analysed) in its turn
+                concluding = None if job.remote is not None else self._pool.submit(self.pipeline.conclude, job)
+            except RuntimeError:
+                if self._fatal.is_set():  # abandoned meanwhile, and `run` shut the pool: the frame stays `seen`
+                    return
+                raise
+            self._to_record.put((job, concluding))
+        self._to_record.put(_DONE)
+
+    def _record_loop(self) -> None:
+        """Record the frames in the order they arrived: ledger, event log, sinks, archive."""
+        while not self._fatal.is_set():
+            item = self._to_record.get()
+            if item is _DONE:
+                break
+            job, concluding = item
+            with self.busy("finish"):  # from waiting for this frame's conclusion until it is recorded
+                try:
+                    concluded = None if concluding is None else concluding.result()
+                except CancelledError:  # abandoned (`run` cancels what has not started): stays `seen`
+                    return
+                self.pipeline.finish(job, concluded)
+            self._finishing.release()
