@@ -18,7 +18,8 @@ import sys
 from typing import NoReturn
 
 from latticewatch import __version__
-from latticewatch.cli import archive, bench, calibrate, daemon, evaluate, models, process, simulate, sort, train
+from latticewatch.cli import archive, batch, bench, calibrate, daemon, evaluate, models, process, simulate, sort, train
+from latticewatch.cli import compile as compile_plans  # the module's own name would hide the builtin here
 from latticewatch.cli.common import EXIT_OK, EXIT_USAGE, fail
 from latticewatch.errors import LatticewatchError
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Command groups in the order ``latticewatch --help`` lists them: analysing files, the daemon,
 #: the archive, profiles and their training, then speed.
-COMMAND_GROUPS = (process, sort, daemon, archive, models, evaluate, calibrate, train, simulate, bench)
+COMMAND_GROUPS = (process, batch, sort, daemon, archive, models, evaluate, calibrate, train, simulate, bench,
+                  compile_plans)
 
 
 class Parser(argparse.ArgumentParser):

@@ -39,6 +39,7 @@ from latticewatch.errors import ConfigError, LatticewatchError, StateError
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.runtime.archiving import open_session_writer
 from latticewatch.runtime.notify import Notifier
+from latticewatch.runtime.offload import open_offloader
 from latticewatch.runtime.outputs import Outputs
 from latticewatch.runtime.pipeline import Pipeline, RunStats
 from latticewatch.runtime.runners import InlineRunner, PipelinedRunner
@@ -100,11 +101,12 @@ def build_sources(config: Config) -> list[Source]:
 
 def build_pipeline(config: Config, *, sinks: Sequence[Sink] = (), analyser: Analyser | None = None) -> Pipeline:
     """Load the profile (unless ``analyser`` is given) and the calibration, open the state directory and the archive
-    session.
+    session, and start connecting to the ``[runtime] scheduler`` (the daemon analyses here until connected).
 
     ``sinks`` get the events (`latticewatch.sinks.events.Sink`).
     """
-    analyser = analyser or Analyser(config.profile, threads=config.runtime.threads or None)
+    analyser = analyser or Analyser(config.profile, backend=config.runtime.backend,
+                                    threads=config.runtime.threads or None)
     calibrate = None
     if config.calibration is not None:
         calibrate = functools.partial(apply_calibration, calibration=load_calibration(config.calibration),
@@ -115,9 +117,12 @@ def build_pipeline(config: Config, *, sinks: Sequence[Sink] = (), analyser: Anal
         archive = open_session_writer(config.archive_root, "run", analyser.manifest.archive, policy=a.policy,
                                       margin_nm=a.margin_nm, reduce=a.reduce, codec=a.codec, max_bytes=a.max_bytes,
                                       max_age_s=a.max_age_s, min_free_bytes=a.min_free_bytes, retry_max_s=a.retry_max_s)
+    rt = config.runtime
+    offload = open_offloader(rt.scheduler, config.profile, budget_ms=rt.budget_ms, offload_after_ms=rt.offload_after_ms,
+                             model_ids=analyser.model_ids)
     return Pipeline(analyser, StateDir(config.state_dir), sinks=sinks, budget_ms=config.runtime.budget_ms,
                     archive=archive, archive_queue=config.runtime.queue_size, calibrate=calibrate,
-                    event_log=config.events.log)
+                    event_log=config.events.log, offload=offload)
 
 
 def hung_after(config: Config) -> float:
@@ -326,7 +331,8 @@ class Daemon:
         self._notify(WATCHDOG=1, STATUS=self._status_line())
 
     def _status_line(self) -> str:
-        """``analysed 12 (0.8 fps), backlog 3, last frame scope:grid1.mrc#11 4 s ago``."""
+        """``analysed 12 (0.8 fps), backlog 3, last frame scope:grid1.mrc#11 4 s ago`` (with ``offloaded 5, `` after the
+        fps when a scheduler is configured)."""
         g = self.current
         analysed = g.pipeline.stats.analysed
         now = time.monotonic()
@@ -335,7 +341,10 @@ class Daemon:
         backlog = sum(g.runner.queue_depths().values()) if hasattr(g.runner, "queue_depths") else 0
         last = (f"last frame {self.last.frame_id} {now - self.last.at:.0f} s ago" if self.last.frame_id
                 else "no frame yet")
-        return (f"analysed {analysed} ({(analysed - before) / max(now - then, 1e-9):.2f} fps), "
+        offload, offloaded = g.pipeline.offload, ""
+        if offload is not None:
+            offloaded = f"offloaded {g.pipeline.stats.offloaded}{'' if offload.connected else ' (no cluster now)'}, "
+        return (f"analysed {analysed} ({(analysed - before) / max(now - then, 1e-9):.2f} fps), {offloaded}"
                 f"quarantined {g.pipeline.stats.quarantined}, backlog {backlog}, {last}")
 
     def _notify(self, **fields: object) -> None:
@@ -350,7 +359,7 @@ class Daemon:
             if config.data_dir != self.config.data_dir:
                 raise ConfigError(f"data_dir: {config.data_dir} is not {self.config.data_dir}; the ledger that keeps "
                                   "analysis exactly once lives there, so moving it takes a restart")
-            analyser = Analyser(config.profile, threads=config.runtime.threads or None)
+            analyser = Analyser(config.profile, backend=config.runtime.backend, threads=config.runtime.threads or None)
             sources = build_sources(config)
         except (LatticewatchError, OSError) as err:
             log.error("SIGHUP: the new configuration is not used, the running one is kept: %s", err)

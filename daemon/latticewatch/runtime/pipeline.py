@@ -27,6 +27,7 @@ from latticewatch.runtime.analyser import Analyser, Prepared
 from latticewatch.runtime.archiving import ArchiveSink
 from latticewatch.runtime.eventlog import EventLog
 from latticewatch.runtime.ledger import Ledger
+from latticewatch.runtime.offload import Offloader, Remote
 from latticewatch.runtime.store import StateDir
 from latticewatch.sinks.archive import ArchiveWriter
 from latticewatch.sinks.events import (
@@ -54,6 +55,7 @@ class RunStats:
     skipped: int = 0  # arrived again but already done (restart catch-up, duplicate message)
     overruns: int = 0  # frames whose phases took longer than budget_ms
     deferred: int = 0  # stream frames moved out of memory because the pipeline was behind
+    offloaded: int = 0  # frames analysed on the Dask cluster (`latticewatch.runtime.offload`)
     resumed: int = 0  # spooled frames picked up from a previous run
     batches: int = 0
     batched_frames: int = 0
@@ -105,6 +107,11 @@ class Job:
     phases: dict[str, float] = field(default_factory=dict)  # runner-measured seconds per phase
     prepared: Prepared | None = None
     probability: np.ndarray | None = None
+    remote: Remote | None = None  # its analysis under way on the cluster
+
+
+#: What `Pipeline.conclude` gives: the frame's analysis and events, or why its post-processing failed.
+Concluded = tuple[Analysis, list[FrameEvent | ParticleEvent | WarningEvent]] | str
 
 
 def _printable(item: Frame | Rejected) -> Frame | Rejected:
@@ -142,6 +149,8 @@ class Pipeline:
         Gives frames without a pixel size one (`latticewatch.calibration.apply_calibration`).
     event_log
         Rotation and retention of the event log (None: one growing file).
+    offload
+        A Dask cluster for the frames that wait too long (`latticewatch.runtime.offload`); closed with the pipeline.
 
     Examples
     --------
@@ -152,7 +161,8 @@ class Pipeline:
 
     def __init__(self, analyser: Analyser, state: StateDir, *, sinks: Sequence[Sink] = (),
                  budget_ms: float | None = None, archive: ArchiveWriter | None = None, archive_queue: int = 4,
-                 calibrate: Callable[[Frame], Frame] | None = None, event_log: EventLogConfig | None = None) -> None:
+                 calibrate: Callable[[Frame], Frame] | None = None, event_log: EventLogConfig | None = None,
+                 offload: Offloader | None = None) -> None:
         self.analyser = analyser
         self.state = state
         self.stats = RunStats()
@@ -161,13 +171,16 @@ class Pipeline:
                                on_sink_error=lambda _sink: self.stats.add(sink_errors=1), rotation=event_log)
         self.budget_ms = budget_ms
         self.calibrate = calibrate
+        self.offload = offload
         self._without_pixel_size: set[str] = set()  # sources already reported
         self._said_lock = threading.Lock()
         self.archive = None if archive is None else ArchiveSink(
             archive, self.ledger, self.events, state, queue_size=archive_queue, calibrate=self._calibrated)
 
     def close(self) -> None:
-        """Archive what is queued for it (the rest stays in the backlog), then close the ledger."""
+        """Archive what is queued for it (the rest stays in the backlog), then close the ledger (and the offload)."""
+        if self.offload is not None:
+            self.offload.close()
         if self.archive is not None:
             self.archive.close()
             self.stats.archive = {**self.archive.counters, "backlog": self.archive.backlog()}
@@ -271,7 +284,16 @@ class Pipeline:
             self.stats.charge(phase, spent)
 
     def prepare(self, job: Job) -> bool:
-        """First phase; False (and the frame quarantined) when the analyser refuses it."""
+        """First phase, or the frame sent to the cluster; False (the frame quarantined) when the analyser refuses it.
+
+        The one point where a frame is offloaded: it has waited longer than the offloader allows (see
+        `latticewatch.runtime.offload`), and was not sent already (a frame the cluster failed stays here).
+        """
+        if self.offload is not None and "remote_lost" not in job.phases \
+                and self.offload.wants(time.monotonic() - job.arrived):
+            job.remote = self.offload.send(job.frame)
+            if job.remote is not None:
+                return True  # analysed there; `finish` collects it in its turn
         try:
             job.prepared = self._timed(job, "prepare", lambda: self.analyser.prepare(job.frame))
         except FrameError as err:
@@ -284,6 +306,9 @@ class Pipeline:
         return True
 
     def segment(self, jobs: Sequence[Job]) -> None:
+        jobs = [job for job in jobs if job.remote is None]  # an offloaded frame is segmented on the cluster
+        if not jobs:
+            return
         start = time.perf_counter()
         probabilities = self.analyser.segment_batch([job.prepared for job in jobs])
         share = (time.perf_counter() - start) / len(jobs)
@@ -293,17 +318,48 @@ class Pipeline:
         self.stats.charge("segment", share * len(jobs))
         self.stats.batched(len(jobs))
 
-    def finish(self, job: Job) -> None:
-        """Last phase and the frame's events, then the ledger and the event log (which feeds the sinks)."""
+    def finish(self, job: Job, concluded: Concluded | None = None) -> None:
+        """Last phase and the frame's events, then the ledger and the event log (which feeds the sinks).
+
+        ``concluded``: `conclude`'s result, when the runner had the frame concluded already (on its pool).
+        """
+        if concluded is None:
+            analysis = None if job.remote is None else self._collect(job)
+            if analysis is None and job.prepared is None:  # the cluster failed it: analysed here, still in its turn
+                if not self.prepare(job):
+                    return
+                self.segment([job])
+            concluded = self.conclude(job, analysis)
+        if isinstance(concluded, str):
+            self.fail(job, concluded)
+            return
+        self._record(job, *concluded)
+
+    def conclude(self, job: Job, analysis: Analysis | None = None) -> Concluded:
+        """The CPU-bound part of `finish`: the analyser's last phase (unless ``analysis`` came from the
+        cluster) and the frame's events, or why that failed.
+
+        It writes nothing (ledger, event log, sinks, quarantine), so a runner may conclude several
+        frames at once and record each with `finish` in its turn.
+        """
         try:
-            analysis = self._timed(job, "finish", lambda: self.analyser.finish(job.prepared, job.probability))
+            if analysis is None:
+                analysis = self._timed(job, "finish", lambda: self.analyser.finish(job.prepared, job.probability))
             # an analysis outside the published event schema is this frame's failure too
-            events = frame_events(job.frame, analysis, self._runner_info(job))
+            return analysis, frame_events(job.frame, analysis, self._runner_info(job))
         except Exception as err:
             log.exception("%s: post-processing failed", job.frame.frame_id)
-            self.fail(job, f"{job.frame.frame_id}: post-processing failed: {type(err).__name__}: {err}")
-            return
-        self._record(job, analysis, events)
+            return f"{job.frame.frame_id}: post-processing failed: {type(err).__name__}: {err}"
+
+    def _collect(self, job: Job) -> Analysis | None:
+        """The cluster's analysis of an offloaded frame (None: it failed; the reason is logged)."""
+        remote, job.remote = job.remote, None
+        analysis = self.offload.collect(job.frame, remote)
+        phase = "remote" if analysis is not None else "remote_lost"  # time spent for nothing is shown too
+        job.phases[phase] = time.monotonic() - remote.sent_at
+        self.stats.charge(phase, job.phases[phase])
+        self.stats.add(offloaded=int(analysis is not None))
+        return analysis
 
     def _runner_info(self, job: Job) -> RunnerInfo:
         service_s = sum(job.phases.values())
