@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -243,6 +244,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     path = Path(state) / "events.jsonl"
     if not path.exists() and not rotated_files(path):
         raise StateError(f"no event log at {path}")
+    if args.follow:  # Ctrl-C ends it even when started from a shell that ignores SIGINT in background jobs
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for line in read_log(path, since=args.since, types=args.topic or (), follow=args.follow):
             sys.stdout.write(line)
