@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from latticewatch.models.backends import (
     DeviceMemoryError,
     SegmentationBackend,
     cpu_default,
+    cpu_threads,
     model_files,
     open_backend,
     resolve,
@@ -194,6 +196,7 @@ class Analyser:
         # a backend that preprocesses on its device does so (the torch backend: the raw frame goes up once)
         primary = self.backend.primary if isinstance(self.backend, FallbackBackend) else self.backend
         self._preprocess = getattr(primary, "prepare_on_device", preprocess)
+        self._cnn_pool = ThreadPoolExecutor(cpu_threads(None), thread_name_prefix="latticewatch-cnn")
 
     @property
     def model_ids(self) -> dict[str, str]:
@@ -271,13 +274,19 @@ class Analyser:
         with _timed(timings, "isolate"):
             labels = clean_labels(probability, self.manifest.isolation, pre.pixel_size_nm)  # labelled once
             clean, isolated = labels > 0, measure(labels)
+        # the CNN needs no features: it runs beside the domain check and the features (its time overlaps theirs)
+        beside = self._cnn_pool.submit(self._classify_crops, pre, labels, isolated, timings) if (
+            isinstance(self.classifier, CnnRegionClassifier) and isolated) else None
         with _timed(timings, "domain"):
             doubts = out_of_domain(probability, labels, self.manifest.domain, pre.image)
         with _timed(timings, "features"):
             features = [region_features(pre.feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
-        with _timed(timings, "classify"):
-            verdicts = self._classify(pre, labels, isolated, features)
+        if beside is not None:
+            verdicts = beside.result()
+        else:
+            with _timed(timings, "classify"):
+                verdicts = self._classify(pre, labels, isolated, features)
         if isinstance(self.classifier, CnnRegionClassifier) and isinstance(self.classifier.backend, FallbackBackend):
             prepared.warnings.extend(self.classifier.backend.take_notes())
         with _timed(timings, "assemble"):
@@ -312,6 +321,11 @@ class Analyser:
             out_of_domain=doubts,
             defect_confusion=getattr(self.manifest.classifier, "defect_confusion", None),
         )
+
+    def _classify_crops(self, pre: Preprocessed, labels: np.ndarray, isolated: list[IsolatedRegion],
+                        timings: dict[str, float]) -> list[tuple[str, dict[str, float]]]:
+        with _timed(timings, "classify"):
+            return self.classifier(pre.image, labels, isolated)
 
     def _classify(self, pre: Preprocessed, labels: np.ndarray, isolated: list[IsolatedRegion],
                   features: list[dict[str, float]]) -> list[tuple[str, dict[str, float]]]:

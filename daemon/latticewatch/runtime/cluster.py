@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import distributed
 
 from latticewatch.frame import Analysis, Frame
+from latticewatch.models.backends import cpu_threads
 from latticewatch.runtime.batch import Batch, Failure
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ def open_client(scheduler: str | None = None, local_workers: int | None = None, 
             raise ConfigError(f"local_workers={local_workers} with scheduler {scheduler}: a scheduler brings its "
                               "own workers; give one or the other")
         return distributed.Client(scheduler, **({} if timeout is None else {"timeout": timeout}))
-    workers = local_workers or len(os.sched_getaffinity(0))
+    workers = cpu_threads(local_workers)
     # a free port either way: the scheduler's HTTP server (health, metrics) listens even without the dashboard
     return distributed.Client(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                               dashboard_address=":0", scheduler_kwargs={"dashboard": dashboard})

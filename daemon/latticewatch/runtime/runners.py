@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -53,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Protocol
 
+from latticewatch.models.backends import cpu_threads
 from latticewatch.runtime.pipeline import Pipeline, RunStats
 from latticewatch.sources.base import Source, StopFlag
 
@@ -136,8 +136,7 @@ def default_finish_workers() -> int:
     >>> default_finish_workers() >= 1
     True
     """
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return max(1, len(cores))
+    return cpu_threads(None)
 
 
 class _AnyOf:

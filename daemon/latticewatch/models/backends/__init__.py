@@ -123,7 +123,9 @@ def cpu_threads(threads: int | None) -> int:
     >>> cpu_threads(3)
     3
     """
-    return threads or len(os.sched_getaffinity(0))
+    if threads:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_device(threads: int) -> str:

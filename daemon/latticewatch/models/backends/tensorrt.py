@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -252,6 +253,8 @@ class TensorRTBackend:
         self._input, self._output = inputs[0], outputs[0]
         self._low, _, self._high = (tuple(s) for s in self._engine.get_tensor_profile_shape(self._input, 0))
         self._context = self._engine.create_execution_context()
+        # one context, not thread-safe: the finish pool's threads may classify at once
+        self._context_lock = threading.Lock()
         if self._context is None:
             raise DeviceMemoryError(f"{plan.path}: no device memory for an execution context of this plan "
                                     f"(profile up to {self._high})")
@@ -275,14 +278,16 @@ class TensorRTBackend:
 
         try:
             x = torch.from_numpy(batch).to("cuda")
-            if not self._context.set_input_shape(self._input, tuple(batch.shape)):
-                raise ModelError(f"{self.plan.path}: TensorRT refused input shape {batch.shape}")
-            y = torch.empty(tuple(self._context.get_tensor_shape(self._output)), dtype=self._out_dtype, device="cuda")
-            self._context.set_tensor_address(self._input, x.data_ptr())
-            self._context.set_tensor_address(self._output, y.data_ptr())
-            if not self._context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-                raise ModelError(f"{self.plan.path}: TensorRT failed to run on input {batch.shape} (see its log)")
-            return y.float().cpu().numpy()  # .cpu() waits for the stream
+            with self._context_lock:
+                if not self._context.set_input_shape(self._input, tuple(batch.shape)):
+                    raise ModelError(f"{self.plan.path}: TensorRT refused input shape {batch.shape}")
+                y = torch.empty(tuple(self._context.get_tensor_shape(self._output)), dtype=self._out_dtype,
+                                device="cuda")
+                self._context.set_tensor_address(self._input, x.data_ptr())
+                self._context.set_tensor_address(self._output, y.data_ptr())
+                if not self._context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+                    raise ModelError(f"{self.plan.path}: TensorRT failed to run on input {batch.shape} (see its log)")
+                return y.float().cpu().numpy()  # .cpu() waits for the stream
         except torch.cuda.OutOfMemoryError as err:
             raise DeviceMemoryError(f"{self.plan.path}: out of GPU memory for input {batch.shape}: {err}") from err
 
