@@ -110,3 +110,26 @@ def test_the_forest_sees_its_own_normalisation_whatever_the_network_uses(tmp_pat
     expected, got = analyser.finish(ours, probability), other.finish(theirs, probability)
     assert len(got.regions) == len(expected.regions) > 0
     assert [r.features for r in got.regions] == [r.features for r in expected.regions]
+
+
+def test_a_network_call_holds_at_most_max_pixels_and_batching_changes_no_probability(sample):
+    """Same-shape frames waiting together share network calls, each of at most ``max_pixels``."""
+    from latticewatch.models.backends.onnxruntime import OnnxRuntimeBackend
+
+    class Counting(OnnxRuntimeBackend):
+        def predict(self, batch):
+            calls.append(batch.shape)
+            return super().predict(batch)
+
+    single = Analyser("nanoparticles", backend="onnxruntime", threads=2)
+    path = single.directory / single.manifest.segmentation.onnx
+    calls: list[tuple] = []
+    # the 1024² frame at 0.025 nm/px is 512² at the model's sampling: two fit in 2 × 512²
+    batched = Analyser("nanoparticles", backend=Counting(path, threads=2), threads=2, max_pixels=2 * 512 * 512)
+    frame = Frame("batched", sample.image, 0.025)
+    prepared = [batched.prepare(frame) for _ in range(3)]
+    probabilities = batched.segment_batch(prepared)
+    assert calls == [(2, 1, 512, 512), (1, 1, 512, 512)]
+    alone = single.segment_batch([single.prepare(frame)])[0]
+    for probability in probabilities:
+        np.testing.assert_allclose(probability, alone, atol=1e-5)

@@ -251,7 +251,12 @@ class Analyser:
             padded_shape = tuple(-(-n // divisor) * divisor for n in p.pre.image.shape)
             key = padded_shape if math.prod(padded_shape) <= self.max_pixels else ("tiled", i)
             groups.setdefault(key, []).append(i)
-        for members in groups.values():
+        batches = []
+        for key, members in groups.items():
+            # a batch holds at most max_pixels: beyond that a CPU backend slows per frame (4 × 2048²: 3×)
+            size = max(1, self.max_pixels // math.prod(key)) if key[0] != "tiled" else 1
+            batches += [members[k:k + size] for k in range(0, len(members), size)]
+        for members in batches:
             start = time.perf_counter()
             if len(members) > 1:
                 padded = [pad_to_multiple(prepared[i].pre.image, divisor) for i in members]
