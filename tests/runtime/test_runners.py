@@ -131,5 +131,7 @@ def test_frames_concluded_at_once_are_recorded_in_arrival_order(analyser, synthe
         assert stats.analysed == len(items)
         assert sink.frames == order and frame_ids(events(state)) == order
         assert all(pipeline.ledger.analyses(fid) == 1 for fid in order)
+        times = [e["at"] for e in events(state)]  # stamped in log order: `events --since TIME` relies on it
+        assert times == sorted(times)
     finally:
         pipeline.close()

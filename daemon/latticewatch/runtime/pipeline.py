@@ -38,6 +38,7 @@ from latticewatch.sinks.events import (
     WarningEvent,
     error_event,
     frame_events,
+    now,
     pixel_size_warning,
     render,
 )
@@ -370,6 +371,10 @@ class Pipeline:
     def _record(self, job: Job, analysis: Analysis, events: list[FrameEvent | ParticleEvent | WarningEvent]) -> None:
         if analysis.out_of_domain:  # its warning event is among `events`; the log line is for whoever runs the daemon
             log.warning("%s: model out of domain: %s", job.frame.frame_id, "; ".join(analysis.out_of_domain))
+        # stamped here, in log order: frames concluded side by side finish in any order, and `events --since
+        # TIME` relies on times that rise through the log
+        at = now()
+        events = [event.model_copy(update={"at": at}) for event in events]
         self.ledger.analysed(job.frame.frame_id, render(events), archivable=self.archive is not None)
         self._timed(job, "publish", lambda: self.events.publish(job.frame.frame_id, events))
         if self.archive is not None:
