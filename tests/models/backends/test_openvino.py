@@ -82,6 +82,29 @@ def test_one_compiled_model_takes_any_batch_and_frame_shape():
     np.testing.assert_allclose(out, ort.predict(square), atol=PROBABILITY_ATOL)
 
 
+def test_a_shape_that_comes_again_runs_on_its_own_static_model_with_the_same_answer():
+    from latticewatch.models.backends.openvino import STATIC_SHAPES_KEPT
+
+    ov = open_backend("openvino", model_files(*resolve_profile("nanoparticles")), threads=1)
+    rng = np.random.default_rng(1)
+    frames = [rng.standard_normal((1, 1, 64 + 16 * k, 128)).astype(np.float32) for k in range(STATIC_SHAPES_KEPT + 1)]
+    first = ov.predict(frames[0])  # once: the dynamic model
+    assert ov.static_shapes() == []
+    again = ov.predict(frames[0])  # again: compiled for this shape
+    assert ov.static_shapes() == [frames[0].shape]
+    np.testing.assert_array_equal(again, first)  # measured: bit for bit
+    for frame in frames[1:]:
+        ov.predict(frame), ov.predict(frame)
+    # the least recently used shape was dropped, and runs on the dynamic model again, with the same answer
+    assert ov.static_shapes() == [f.shape for f in frames[1:]]
+    np.testing.assert_array_equal(ov.predict(frames[0]), first)
+    # the classifier's batches (one per frame, as many crops as regions) keep the dynamic model
+    cnn = open_backend("openvino", model_files(*resolve_profile("nanoparticles"), role="classifier"), threads=1)
+    crops = rng.standard_normal((3, 3, 96, 96)).astype(np.float32)
+    cnn.predict(crops), cnn.predict(crops)
+    assert cnn.static_shapes() == []
+
+
 def test_the_device_names_the_threads_and_idle_workers_do_not_spin():
     backend = open_backend("openvino", model_files(*resolve_profile("nanoparticles")), threads=2)
     assert backend.device.startswith("CPU") and backend.device.endswith("(2 threads)")
