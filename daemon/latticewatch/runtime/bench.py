@@ -182,16 +182,18 @@ def time_naive(naive: NaivePipeline, frame: Frame, repeats: int) -> dict[str, An
 
 
 def timed_analyses(analyser: Analyser, frame: Frame, repeats: int, batch: Batch) -> list[tuple[float, Analysis]]:
-    """``repeats`` timed analyses of ``frame`` on the batch path, after one untimed warm-up
-    (session allocation for this shape); empty when the analyser refuses the frame."""
+    """``repeats`` timed analyses of ``frame`` on the batch path, after two untimed warm-ups (session
+    allocation for this shape; OpenVINO compiles a static model for a shape that comes again);
+    empty when the analyser refuses the frame."""
 
     def timed(f: Frame) -> tuple[float, Analysis]:
         start = time.perf_counter()
         analysis = analyser.analyse(f)
         return time.perf_counter() - start, analysis
 
-    if not list(batch.analyse([frame], analyser.analyse)):  # the warm-up; a refused frame fails once
+    if not list(batch.analyse([frame], analyser.analyse)):  # the warm-ups; a refused frame fails once
         return []
+    analyser.analyse(frame)
     return [result for _, result in batch.analyse(itertools.repeat(frame, repeats), timed)]
 
 
