@@ -13,6 +13,7 @@ from latticewatch.cli.common import (
     add_backend,
     add_batch_options,
     add_profile,
+    add_report_options,
     exit_code,
     positive_int,
     progress_enabled,
@@ -48,9 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--local-workers", type=positive_int, metavar="N",
                        help="worker processes of the local cluster (default: one per usable core)")
     add_profile(p)
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write DIR/<name>_probability.npy (float32, frame size)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_report_options(p)
     add_batch_options(p)
     add_backend(p)
     threads = next(a for a in p._actions if a.dest == "threads")

@@ -217,6 +217,13 @@ def add_backend(p: argparse.ArgumentParser, default: str | None = "auto") -> Non
                    + ("(default: %(default)s)" if default else "(default: from the config, auto)"))
 
 
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """``--save-probabilities`` and ``--json``: what `process` and `batch` write beside the per-frame reports."""
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write DIR/<name>_probability.npy (float32, frame size)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
 def add_batch_options(p: argparse.ArgumentParser) -> None:
     """``--permissive``, ``--calibration`` and ``--threads``: how the batch path reads and analyses files."""
     p.add_argument("--permissive", action="store_true",

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latticewatch.cli.common import add_backend, add_batch_options, add_profile, exit_code, open_batch
+from latticewatch.cli.common import (
+    add_backend,
+    add_batch_options,
+    add_profile,
+    add_report_options,
+    exit_code,
+    open_batch,
+)
 from latticewatch.errors import ConfigError
 from latticewatch.frame import CLASSES, Analysis, Frame
 
@@ -46,9 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="micrograph files")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created if needed)")
     add_profile(p)
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write DIR/<name>_probability.npy (float32, frame size)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_report_options(p)
     add_batch_options(p)
     add_backend(p)
     p.add_argument("--archive", type=Path, metavar="ROOT",
