@@ -18,7 +18,7 @@ from latticewatch.models.manifest import read_manifest, sha256_of, update_manife
 from latticewatch.runtime.analyser import Analyser
 from latticewatch.stages.classify import CnnRegionClassifier
 from latticewatch.stages.crops import CropSpec
-from latticewatch.stages.isolate import clean_mask, isolate
+from latticewatch.stages.isolate import clean_labels, measure
 from latticewatch.testing.synthetic.frames import generate_frame
 from latticewatch_nanoparticles import profile_dir
 
@@ -93,7 +93,8 @@ def test_cnn_profile_classifies_crops_of_the_model_input(cnn_profile, frame):
     prepared = analyser.prepare(frame)
     probability = analyser.segment_batch([prepared])[0]
     # the CNN's verdicts, computed here from the same model input and regions
-    labels, regions = isolate(clean_mask(probability, analyser.manifest.isolation, prepared.pre.pixel_size_nm))
+    labels = clean_labels(probability, analyser.manifest.isolation, prepared.pre.pixel_size_nm)
+    regions = measure(labels)
     direct = CnnRegionClassifier(OnnxRuntimeBackend(RANDOM_CNN, threads=1), CLASSES, CropSpec(size_px=32),
                                  uncertain_below=0.43)(prepared.pre.image, labels, regions)
     analysis = analyser.finish(prepared, probability)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skops.io as sio
+from scipy import ndimage
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
@@ -21,7 +22,7 @@ from latticewatch.stages.classify import (
 )
 from latticewatch.stages.crops import CropSpec, classifier_input
 from latticewatch.stages.features import FEATURE_NAMES
-from latticewatch.stages.isolate import isolate
+from latticewatch.stages.isolate import measure
 from latticewatch_nanoparticles import profile_dir
 
 RANDOM_CNN = Path(__file__).resolve().parents[1] / "fixtures" / "random_cnn.onnx"
@@ -121,7 +122,7 @@ def test_skops_file_with_another_estimator_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def frame_regions():
-    """A model-resolution image with four blobs of different size, labelled by `isolate`."""
+    """A model-resolution image with four blobs of different size, labelled and measured as the analyser does."""
     rng = np.random.default_rng(5)
     image = rng.normal(size=(128, 160)).astype(np.float32)
     yy, xx = np.mgrid[:128, :160]
@@ -130,7 +131,8 @@ def frame_regions():
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         mask |= disc
         image[disc] += np.sin(xx[disc] * (0.6 + r / 20))  # each particle its own fringes
-    labels, regions = isolate(mask)
+    labels = ndimage.label(mask)[0]
+    regions = measure(labels)
     assert len(regions) == 4
     return image, labels, regions
 

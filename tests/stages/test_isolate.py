@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from latticewatch.stages.isolate import IsolationParams, clean_mask, isolate
+from latticewatch.stages.isolate import IsolationParams, _clean_components, clean_labels, measure
+
+
+def regions_of(mask):
+    """The measured regions of a binary mask, labelled as the analyser labels them."""
+    return measure(ndimage.label(mask)[0])
 
 
 def disc(shape, centre, radius):
@@ -9,13 +15,12 @@ def disc(shape, centre, radius):
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
 
 
-def test_clean_mask_removes_speckle_and_small_regions_keeps_particles():
+def test_clean_labels_removes_speckle_and_small_regions_keeps_particles():
     prob = np.zeros((200, 200), np.float32)
     prob[disc(prob.shape, (60, 60), 30)] = 0.9
     prob[150, 150] = 1.0  # single-pixel speckle
     prob[disc(prob.shape, (150, 40), 3)] = 0.8  # 28 px at 0.05 nm/px = 0.07 nm² < 2 nm²
-    mask = clean_mask(prob, IsolationParams(), 0.05)
-    _, regions = isolate(mask)
+    regions = measure(clean_labels(prob, IsolationParams(), 0.05))
     assert len(regions) == 1
     assert regions[0].area_px == pytest.approx(np.pi * 30**2, rel=0.05)
 
@@ -23,8 +28,8 @@ def test_clean_mask_removes_speckle_and_small_regions_keeps_particles():
 def test_threshold_from_params():
     prob = np.zeros((100, 100), np.float32)
     prob[disc(prob.shape, (50, 50), 20)] = 0.6
-    assert clean_mask(prob, IsolationParams(threshold=0.5), 0.05).any()
-    assert not clean_mask(prob, IsolationParams(threshold=0.7), 0.05).any()
+    assert clean_labels(prob, IsolationParams(threshold=0.5), 0.05).any()
+    assert not clean_labels(prob, IsolationParams(threshold=0.7), 0.05).any()
 
 
 def test_closing_fills_gaps_between_fringes_and_holes():
@@ -32,8 +37,7 @@ def test_closing_fills_gaps_between_fringes_and_holes():
     inside = disc(prob.shape, (50, 50), 30)
     prob[inside] = 1.0
     prob[::4, :] = 0  # dark fringes cut the particle into stripes
-    mask = clean_mask(prob, IsolationParams(opening_radius_nm=0), 0.05)
-    _, regions = isolate(mask)
+    regions = measure(clean_labels(prob, IsolationParams(opening_radius_nm=0), 0.05))
     assert len(regions) == 1 and regions[0].solidity > 0.95
 
 
@@ -41,7 +45,7 @@ def test_region_properties_and_edge_flag():
     mask = np.zeros((64, 64), bool)
     mask[0:10, 20:40] = True  # touches the top edge
     mask[30:40, 30:35] = True
-    _, regions = isolate(mask)
+    regions = regions_of(mask)
     by_area = sorted(regions, key=lambda r: r.area_px)
     small, big = by_area
     assert small.area_px == 50 and small.bbox == (30, 30, 40, 35) and not small.touches_edge
@@ -104,14 +108,12 @@ def _reference_regions(mask):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_isolate_measures_like_regionprops(seed):
-    from scipy import ndimage
-
+def test_measure_measures_like_regionprops(seed):
     rng = np.random.default_rng(seed)
     mask = ndimage.gaussian_filter(rng.random((160, 140)), 3) > 0.5  # irregular, concave, on the border
     mask[70:73, 20] = True  # a line: eccentricity 1
     mask[100, 100] = True  # a single pixel: eccentricity 0
-    _, regions = isolate(mask)
+    regions = regions_of(mask)
     reference = _reference_regions(mask)
     assert len(regions) == len(reference) > 10
     for r, (label, bbox, centroid, area, eccentricity, solidity) in zip(regions, reference):
@@ -122,16 +124,13 @@ def test_isolate_measures_like_regionprops(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_clean_labels_are_the_labels_of_the_clean_mask(seed):
-    from scipy import ndimage
-
-    from latticewatch.stages.isolate import clean_labels
-
     rng = np.random.default_rng(seed)
     prob = ndimage.gaussian_filter(rng.random((200, 180)), 2.5).astype(np.float32)
     prob = (prob - prob.min()) / (prob.max() - prob.min())
     params = IsolationParams(min_area_nm2=0.5)  # drops some components, keeps others
     labels = clean_labels(prob, params, 0.05)
-    reference, n = ndimage.label(clean_mask(prob, params, 0.05))
+    components, keep = _clean_components(prob, params, 0.05)
+    reference, n = ndimage.label(keep[components])  # the clean mask, labelled a second time
     assert n > 3 and labels.dtype == reference.dtype
     np.testing.assert_array_equal(labels, reference)
     assert ndimage.label(prob >= params.threshold)[1] > n  # small components were dropped

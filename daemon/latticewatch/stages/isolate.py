@@ -111,30 +111,18 @@ def _clean_components(probability: np.ndarray, params: IsolationParams,
     return labels, keep
 
 
-def clean_mask(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
-    """Threshold, open (removes speckle), close (joins fringe gaps), fill holes, drop small regions.
-
-    Examples
-    --------
-    >>> prob = np.zeros((64, 64), np.float32); prob[10:50, 10:50] = 0.9; prob[60, 60] = 1.0
-    >>> clean = clean_mask(prob, IsolationParams(), 0.05)
-    >>> bool(clean[60, 60]), bool(clean[30, 30])  # the speckle is gone, the particle stays
-    (False, True)
-    """
-    labels, keep = _clean_components(probability, params, pixel_size_nm)
-    return keep[labels]
-
-
 def clean_labels(probability: np.ndarray, params: IsolationParams, pixel_size_nm: float | None) -> np.ndarray:
-    """`clean_mask`'s regions, labelled 1…n exactly as ``ndimage.label(clean_mask(...))`` labels them.
+    """Threshold, open (removes speckle), close (joins fringe gaps), fill holes, drop small regions;
+    the regions of that clean mask labelled 1…n exactly as ``ndimage.label`` would label the mask.
 
     Dropping small components neither joins nor splits the others, and keeps their raster order, so
-    renumbering the kept ones gives the labels of the clean mask without labelling it a second time;
+    renumbering the kept ones gives those labels without labelling the clean mask a second time;
     `measure` takes them from here.
 
     Examples
     --------
     >>> prob = np.zeros((128, 128), np.float32); prob[5:40, 5:40] = prob[60:100, 60:100] = 0.9
+    >>> prob[120, 120] = 1.0  # a speckle: opened away
     >>> np.unique(clean_labels(prob, IsolationParams(), 0.05)).tolist()
     [0, 1, 2]
     """
@@ -207,17 +195,3 @@ def measure(labels: np.ndarray) -> list[IsolatedRegion]:
             )
         )
     return regions
-
-
-def isolate(mask: np.ndarray) -> tuple[np.ndarray, list[IsolatedRegion]]:
-    """Label a clean binary mask and measure each region (`measure`).
-
-    Examples
-    --------
-    >>> m = np.zeros((20, 20), bool); m[5:10, 5:10] = True
-    >>> labels, regions = isolate(m)
-    >>> regions[0].area_px, regions[0].touches_edge
-    (25, False)
-    """
-    labels, _ = ndimage.label(mask)
-    return labels, measure(labels)
