@@ -36,7 +36,7 @@ from latticewatch.models.backends import (
 from latticewatch.models.backends.fallback import FallbackBackend, open_guarded
 from latticewatch.models.manifest import Manifest
 from latticewatch.runtime.plugins import resolve_profile
-from latticewatch.stages.classify import CnnRegionClassifier, FlatForest, ForestRegionClassifier, load_forest
+from latticewatch.stages.classify import CnnRegionClassifier, FlatForest, ForestRegionClassifier, Verdict, load_forest
 from latticewatch.stages.domain import out_of_domain
 from latticewatch.stages.features import region_features
 from latticewatch.stages.isolate import IsolatedRegion, clean_labels, measure
@@ -280,18 +280,14 @@ class Analyser:
             labels = clean_labels(probability, self.manifest.isolation, pre.pixel_size_nm)  # labelled once
             clean, isolated = labels > 0, measure(labels)
         # the CNN needs no features: it runs beside the domain check and the features (its time overlaps theirs)
-        beside = self._cnn_pool.submit(self._classify_crops, pre, labels, isolated, timings) if (
+        beside = self._cnn_pool.submit(self._classify, timings, pre, labels, isolated, []) if (
             isinstance(self.classifier, CnnRegionClassifier) and isolated) else None
         with _timed(timings, "domain"):
             doubts = out_of_domain(probability, labels, self.manifest.domain, pre.image)
         with _timed(timings, "features"):
             features = [region_features(pre.feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
-        if beside is not None:
-            verdicts = beside.result()
-        else:
-            with _timed(timings, "classify"):
-                verdicts = self._classify(pre, labels, isolated, features)
+        verdicts = beside.result() if beside is not None else self._classify(timings, pre, labels, isolated, features)
         if isinstance(self.classifier, CnnRegionClassifier) and isinstance(self.classifier.backend, FallbackBackend):
             prepared.warnings.extend(self.classifier.backend.take_notes())
         with _timed(timings, "assemble"):
@@ -327,19 +323,15 @@ class Analyser:
             defect_confusion=getattr(self.manifest.classifier, "defect_confusion", None),
         )
 
-    def _classify_crops(self, pre: Preprocessed, labels: np.ndarray, isolated: list[IsolatedRegion],
-                        timings: dict[str, float]) -> list[tuple[str, dict[str, float]]]:
-        with _timed(timings, "classify"):
-            return self.classifier(pre.image, labels, isolated)
-
-    def _classify(self, pre: Preprocessed, labels: np.ndarray, isolated: list[IsolatedRegion],
-                  features: list[dict[str, float]]) -> list[tuple[str, dict[str, float]]]:
+    def _classify(self, timings: dict[str, float], pre: Preprocessed, labels: np.ndarray,
+                  isolated: list[IsolatedRegion], features: list[dict[str, float]]) -> list[Verdict]:
         # the CNN sees each region's crop of the model input, the forest its five features
-        if isinstance(self.classifier, CnnRegionClassifier):
-            return self.classifier(pre.image, labels, isolated)
-        if self.classifier is not None:
-            return self.classifier(features)
-        return [("unclassified", {})] * len(isolated)
+        with _timed(timings, "classify"):
+            if isinstance(self.classifier, CnnRegionClassifier):
+                return self.classifier(pre.image, labels, isolated)
+            if self.classifier is not None:
+                return self.classifier(features)
+            return [("unclassified", {})] * len(isolated)
 
     def _region(self, index, r: IsolatedRegion, features, label, probs, scale, model_px_nm, frame: Frame) -> Region:
         h, w = frame.pixels.shape

@@ -130,15 +130,6 @@ class InlineRunner:
 _DONE = object()
 
 
-def default_finish_workers() -> int:
-    """Threads that conclude frames at once: one per CPU core this process may run on.
-
-    >>> default_finish_workers() >= 1
-    True
-    """
-    return cpu_threads(None)
-
-
 class _AnyOf:
     """A stop flag that is set when any of its flags is."""
 
@@ -166,7 +157,7 @@ class PipelinedRunner:
         Most frames segmented in one network call when behind.
     finish_workers
         Frames concluded at once (isolate, features, classify, events); default one per CPU core
-        (`default_finish_workers`). Their results are recorded in arrival order whatever the order
+        (`latticewatch.models.backends.cpu_threads`). Their results are recorded in arrival order whatever the order
         they finish in.
 
     Examples
@@ -179,7 +170,7 @@ class PipelinedRunner:
         self.pipeline = pipeline
         self.queue_size = queue_size
         self.max_batch = max_batch
-        self.finish_workers = finish_workers or default_finish_workers()
+        self.finish_workers = cpu_threads(finish_workers)
         self._to_prepare: queue.Queue = queue.Queue(queue_size)
         self._to_segment: queue.Queue = queue.Queue(queue_size)
         self._to_finish: queue.Queue = queue.Queue(queue_size)
