@@ -141,25 +141,25 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 elif attribute.name in ("value_float", "value_floats"):
                     raise ModelError(f"Constant {node.output[0]!r}: {attribute.name} cannot be made float16 "
                                      "(export it as a tensor value)")
-    casts = []
-    for value in graph.input:
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half_name = f"{value.name}__fp16"
-        for node in graph.node:
-            node.input[:] = [half_name if name == value.name else name for name in node.input]
-        casts.append(helper.make_node("Cast", [value.name], [half_name], name=f"{value.name}__to_fp16",
-                                      to=TensorProto.FLOAT16))
-    tail = []
-    for value in graph.output:
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half_name = f"{value.name}__fp16"
-        for node in graph.node:
-            node.output[:] = [half_name if name == value.name else name for name in node.output]
-        tail.append(helper.make_node("Cast", [half_name], [value.name], name=f"{value.name}__to_fp32",
-                                     to=TensorProto.FLOAT))
-    nodes = casts + list(graph.node) + tail
+    def boundary_casts(values, side: str) -> list:
+        """Rename each float32 graph input (output) to its fp16 twin inside the graph, and cast at the edge."""
+        casts = []
+        for value in values:
+            if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+                continue
+            half_name = f"{value.name}__fp16"
+            for node in graph.node:
+                names = getattr(node, side)
+                names[:] = [half_name if name == value.name else name for name in names]
+            if side == "input":
+                casts.append(helper.make_node("Cast", [value.name], [half_name], name=f"{value.name}__to_fp16",
+                                              to=TensorProto.FLOAT16))
+            else:
+                casts.append(helper.make_node("Cast", [half_name], [value.name], name=f"{value.name}__to_fp32",
+                                              to=TensorProto.FLOAT))
+        return casts
+
+    nodes = boundary_casts(graph.input, "input") + list(graph.node) + boundary_casts(graph.output, "output")
     del graph.node[:]
     graph.node.extend(nodes)
     # intermediate types are inferred again from the new weights rather than patched one by one
