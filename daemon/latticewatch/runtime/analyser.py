@@ -280,16 +280,14 @@ class Analyser:
             labels = clean_labels(probability, self.manifest.isolation, pre.pixel_size_nm)  # labelled once
             clean, isolated = labels > 0, measure(labels)
         # the CNN needs no features: it runs beside the domain check and the features (its time overlaps theirs)
-        beside = self._cnn_pool.submit(self._classify, timings, pre, labels, isolated, []) if (
+        beside = self._cnn_pool.submit(self._classify, prepared, labels, isolated, []) if (
             isinstance(self.classifier, CnnRegionClassifier) and isolated) else None
         with _timed(timings, "domain"):
             doubts = out_of_domain(probability, labels, self.manifest.domain, pre.image)
         with _timed(timings, "features"):
             features = [region_features(pre.feature_image[r.slice], labels[r.slice] == r.label, pre.pixel_size_nm)
                         for r in isolated]
-        verdicts = beside.result() if beside is not None else self._classify(timings, pre, labels, isolated, features)
-        if isinstance(self.classifier, CnnRegionClassifier) and isinstance(self.classifier.backend, FallbackBackend):
-            prepared.warnings.extend(self.classifier.backend.take_notes())
+        verdicts = beside.result() if beside is not None else self._classify(prepared, labels, isolated, features)
         with _timed(timings, "assemble"):
             regions = tuple(
                 self._region(index, r, f, label, probs, pre.scale, pre.pixel_size_nm, frame)
@@ -323,12 +321,15 @@ class Analyser:
             defect_confusion=getattr(self.manifest.classifier, "defect_confusion", None),
         )
 
-    def _classify(self, timings: dict[str, float], pre: Preprocessed, labels: np.ndarray,
-                  isolated: list[IsolatedRegion], features: list[dict[str, float]]) -> list[Verdict]:
+    def _classify(self, prepared: Prepared, labels: np.ndarray, isolated: list[IsolatedRegion],
+                  features: list[dict[str, float]]) -> list[Verdict]:
         # the CNN sees each region's crop of the model input, the forest its five features
-        with _timed(timings, "classify"):
+        with _timed(prepared.timings, "classify"):
             if isinstance(self.classifier, CnnRegionClassifier):
-                return self.classifier(pre.image, labels, isolated)
+                verdicts = self.classifier(prepared.pre.image, labels, isolated)
+                if isinstance(self.classifier.backend, FallbackBackend):  # notes of this thread's call
+                    prepared.warnings.extend(self.classifier.backend.take_notes())
+                return verdicts
             if self.classifier is not None:
                 return self.classifier(features)
             return [("unclassified", {})] * len(isolated)

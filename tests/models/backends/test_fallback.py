@@ -5,6 +5,7 @@ The accelerator is simulated by an injected fault: the real ONNX Runtime backend
 """
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -68,6 +69,23 @@ def test_a_batch_that_does_not_fit_runs_in_halves_on_the_same_device(cpu):
     assert fallback.take_notes() == ["backend_fallback: out of GPU memory on a GPU with little memory (fake-gpu) for "
                                      "a 4×1×256×256 batch; ran in smaller batches on the same device"]
     assert fallback.take_notes() == []
+
+
+def test_each_thread_takes_the_notes_of_its_own_calls():
+    # the segment thread and the finish pool's threads call one backend at once: a note is its frame's
+    fallback = wrap(SmallGpu(budget=2 * 256 * 256), **GEOMETRY)
+    fallback.predict(batch(4, 256))  # this thread's call falls back
+    taken = {}
+
+    def call_that_fits():
+        fallback.predict(batch(1, 256))
+        taken["other"] = fallback.take_notes()
+
+    other = threading.Thread(target=call_that_fits)
+    other.start()
+    other.join()
+    assert taken["other"] == []  # its call fitted; this thread's note is not its
+    assert len(fallback.take_notes()) == 1
 
 
 def test_an_image_that_does_not_fit_runs_in_overlapping_tiles_with_the_whole_image_result(cpu):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 
@@ -67,7 +68,9 @@ class FallbackBackend:
         self._cpu = cpu
         #: how many times each level ran (``batches``, ``tiles``, ``cpu``), for status pages and tests
         self.counts = {level: 0 for level in _WHAT}
-        self._notes: list[str] = []
+        # per thread: frames are segmented on one thread and classified on others at the same time, and
+        # each note belongs to the frame whose call needed the fallback
+        self._local = threading.local()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         try:
@@ -77,18 +80,19 @@ class FallbackBackend:
         used: list[str] = []
         out = self._in_parts(batch, used) if len(batch) > 1 else self._one(batch, used)
         what = {**_WHAT, "cpu": f"on the CPU ({self._cpu.name})" if self._cpu else _WHAT["cpu"]}
-        self._notes.append(f"backend_fallback: out of GPU memory on {self.device} ({self.name}) for a "
-                           f"{'×'.join(map(str, batch.shape))} batch; ran "
-                           + ", then ".join(what[level] for level in dict.fromkeys(used)))
+        note = (f"backend_fallback: out of GPU memory on {self.device} ({self.name}) for a "
+                f"{'×'.join(map(str, batch.shape))} batch; ran "
+                + ", then ".join(what[level] for level in dict.fromkeys(used)))
+        self._local.notes = [*getattr(self._local, "notes", []), note]
         return out
 
     def take_notes(self) -> list[str]:
-        """The fallback notes of the calls since the last `take_notes` (then forgotten).
+        """The fallback notes of this thread's calls since its last `take_notes` (then forgotten).
 
         >>> FallbackBackend(cpu_backend, files).take_notes()  # doctest: +SKIP
         []
         """
-        notes, self._notes = self._notes, []
+        notes, self._local.notes = getattr(self._local, "notes", []), []
         return notes
 
     def _level(self, level: str, used: list[str], subject: str, how: str = "") -> None:
